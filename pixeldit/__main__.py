@@ -1,0 +1,5 @@
+import sys
+
+from pixeldit.cli import main
+
+sys.exit(main())

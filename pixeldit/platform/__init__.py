@@ -1,0 +1,1 @@
+"""Config, trainer, strategies, schedules, checkpointing, monitoring. Wraps models from outside."""

@@ -1,0 +1,345 @@
+"""The one config system: typed dataclasses, loaded from YAML, with `--set a.b=value`.
+
+Every value is checked against its field's type while loading, and every
+unknown key is refused, each error naming the key path (`optim.lr`,
+`schedule.stages[1].clip`), before any work starts. Sections validate their own
+ranges in `check()`; `Config.check()` holds the cross-section rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message starts with the key path."""
+
+
+# ---------------------------------------------------------------- sections
+
+@dataclass
+class ModelConfig:
+    name: str = "pixeldit-tiny"
+    # None keeps the preset's value; any other value overrides it (see models.PixelDiTArch)
+    patch_depth: Optional[int] = None
+    pixel_depth: Optional[int] = None
+    hidden_size: Optional[int] = None
+    pixel_hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: Optional[int] = None
+    num_classes: Optional[int] = None
+    variant: Optional[Literal["pixeldit", "dit"]] = None
+    pixel_adaln: Optional[Literal["pixel", "patch"]] = None
+    post_modulation: Optional[bool] = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "name" and getattr(self, f.name) is not None}
+
+    def arch(self):
+        from pixeldit.models import resolve_arch
+        try:
+            return resolve_arch(self.name, **self.overrides())
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" for generated demo data, otherwise a manifest folder URL (path, s3://, gs://, https://)
+    source: str = "synthetic"
+    image_size: int = 32
+    decoder: Literal["pil", "dali"] = "pil"
+    num_workers: int = 0
+    hflip: bool = False
+
+    def check(self, path: str):
+        _positive(self, path, "image_size")
+        if self.num_workers < 0:
+            raise ConfigError(f"{path}.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass
+class DiffusionConfig:
+    # logit-normal t: t = sigmoid(loc + scale·n), n ~ N(0, 1)
+    t_loc: float = 0.0
+    t_scale: float = 1.0
+    # t' = t / (t + (1 − t)·s): 1 at 256 px, 3 at 512 px; used by training and sampling
+    time_shift: float = 1.0
+    label_drop: float = 0.1
+
+    def check(self, path: str):
+        _positive(self, path, "t_scale", "time_shift")
+        if not 0.0 <= self.label_drop <= 1.0:
+            raise ConfigError(f"{path}.label_drop={self.label_drop} must be in [0, 1]")
+
+
+@dataclass
+class RepaConfig:
+    mode: Literal["online", "cached", "off"] = "off"
+    weight: float = 0.5
+    block: int = 8
+    encoder: str = "dinov2_vitb14"
+    encoder_dim: int = 768
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+    def check(self, path: str):
+        _positive(self, path, "lr", "eps")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{path}.betas={list(self.betas)} must lie in [0, 1)")
+
+
+@dataclass
+class Stage:
+    """A scalar setting in force from `start` (in schedule.unit) until the next stage."""
+    start: int = 0
+    lr: float = 1e-4
+    clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    unit: Literal["step", "epoch"] = "step"
+    warmup_steps: int = 0
+    stages: list[Stage] = field(default_factory=lambda: [Stage()])
+
+    def check(self, path: str):
+        if not self.stages:
+            raise ConfigError(f"{path}.stages must hold at least one stage")
+        if self.stages[0].start != 0:
+            raise ConfigError(f"{path}.stages[0].start={self.stages[0].start} must be 0")
+        for i, (a, b) in enumerate(zip(self.stages, self.stages[1:]), start=1):
+            if b.start <= a.start:
+                raise ConfigError(f"{path}.stages[{i}].start={b.start} must be after {a.start}")
+        for i, s in enumerate(self.stages):
+            if s.lr <= 0 or s.clip <= 0:
+                raise ConfigError(f"{path}.stages[{i}]: lr and clip must be positive")
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = "ddp"
+    precision: Literal["bf16", "fp32"] = "fp32"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+
+    def check(self, path: str):
+        _positive(self, path, "every_steps", "keep_last")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+
+    def check(self, path: str):
+        _positive(self, path, "every_steps")
+
+
+@dataclass
+class EvalConfig:
+    sampler: Literal["ab2", "euler", "heun", "sde"] = "ab2"
+    steps: int = 100
+    cfg_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    samples_per_class: int = 50
+
+    def check(self, path: str):
+        _positive(self, path, "steps", "samples_per_class")
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ConfigError(f"{path}.cfg_interval={list(self.cfg_interval)} must satisfy 0 <= lo < hi <= 1")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    global_batch: int = 8
+    micro_batch: int = 8
+    steps: int = 20
+    run_dir: str = "runs/demo"
+    init_from: Optional[str] = None
+
+    def check(self, path: str):
+        _positive(self, path, "global_batch", "micro_batch", "steps")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self) -> "Config":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "check"):
+                section.check(f.name)
+        arch = self.model.arch()
+        if self.data.image_size % arch.patch_size:
+            raise ConfigError(f"data.image_size={self.data.image_size} is not divisible by the "
+                              f"model's patch size {arch.patch_size}")
+        if self.train.global_batch % self.train.micro_batch:
+            raise ConfigError(f"train.global_batch={self.train.global_batch} is not divisible by "
+                              f"train.micro_batch={self.train.micro_batch}")
+        if self.repa.mode != "off" and not 1 <= self.repa.block <= arch.patch_depth:
+            raise ConfigError(f"repa.block={self.repa.block} outside 1..{arch.patch_depth} (model.patch_depth)")
+        return self
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+def _positive(section, path: str, *names: str):
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise ConfigError(f"{path}.{name}={value} must be positive")
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, path: str):
+    """Check `value` against the annotation `tp` and build dataclasses, naming `path` on error."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _convert(value, option, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of "
+                          f"{[_type_name(o) for o in options]}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported annotation {tp}")
+
+
+def _build(cls, data, path: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else key
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, assignment: str):
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, cannot set {key}")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (default: the embedded demo config) + `a.b=value` overrides → checked Config."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    try:
+        return _build(Config, tree, "").check()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_from_dict(tree: dict) -> Config:
+    return _build(Config, tree, "").check()
