@@ -96,9 +96,13 @@ def integrate(velocity: Callable[[torch.Tensor, float], torch.Tensor], x: torch.
             # the authors keep the fixed 1.5 / −0.5 weights even on uneven (shifted) steps
             x = x + dt * (v if v_prev is None else 1.5 * v - 0.5 * v_prev)
             v_prev = v
-        elif sampler == "heun":
+        elif sampler == "heun" and i < steps - 1:
             x_euler = x + dt * v
             x = x + dt * 0.5 * (v + velocity(x_euler, t_next))
+        elif sampler == "heun":
+            # no corrector at t = 1: v(x, 1) = E[x − ε | x] is ill-posed there (ε cannot be
+            # read off clean data), so the last step is Euler, as EDM does at σ = 0
+            x = x + dt * v
         else:
             x = _sde_step(x, v, t, dt, last=i == steps - 1, generators=sde_gens)
         if progress is not None:
