@@ -63,6 +63,41 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _parse_size(text: str) -> int:
+    units = {"k": 10**3, "m": 10**6, "g": 10**9}
+    text = text.strip().lower().rstrip("b")
+    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+
+
+def cmd_shards(args) -> int:
+    from pixeldit.data_pipelines import writer
+    from pixeldit.data_pipelines.manifest import ImagePolicy
+    from pixeldit.data_pipelines.verify import verify_shards
+
+    if args.action == "verify":
+        problems = verify_shards(args.url, decode=args.decode)
+        for line in problems:
+            print(line)
+        print(f"{args.url}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        return 1 if problems else 0
+    if args.action == "synthetic":
+        items, classes = writer.synthetic_items(args.classes, args.per_class, args.size, args.seed)
+        policy = ImagePolicy(mode="original", size=args.size, format="png")
+        source = f"synthetic:{args.classes}x{args.per_class}@{args.size}"
+    else:
+        lister = writer.list_file_list if args.src.endswith((".txt", ".tsv", ".lst")) else writer.list_image_folder
+        items, classes = lister(args.src)
+        policy = ImagePolicy(mode="adm" if args.size else "original", size=args.size, format=args.format,
+                             quality=args.quality)
+        source = args.src
+    shard_bytes = _parse_size(args.shard_size) if args.shard_size else None
+    manifest = writer.write_shards(items, classes, args.dst, policy=policy, shard_samples=args.shard_samples,
+                                   shard_bytes=shard_bytes, workers=args.workers, seed=args.seed, source=source)
+    print(f"{args.dst}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
+          f"{len(manifest.skipped)} skipped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixeldit", description="PixelDiT training platform")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -79,6 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(config)
     config.add_argument("--out", default=None, help="write the YAML here instead of printing it")
     config.set_defaults(func=cmd_config)
+
+    shards = verbs.add_parser("shards", help="write, verify or synthesise WebDataset shards")
+    actions = shards.add_subparsers(dest="action", required=True)
+    write = actions.add_parser("write", help="SRC (class folders or a 'path label' list) -> DST shards")
+    write.add_argument("src")
+    write.add_argument("dst", help="local folder or fsspec URL (s3://bucket/prefix, gs://...)")
+    write.add_argument("--size", type=int, default=None, help="ADM centre crop to SIZE x SIZE (default: keep originals)")
+    write.add_argument("--format", default="jpg", choices=["jpg", "png", "webp"], help="format of re-encoded images")
+    write.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    synth = actions.add_parser("synthetic", help="a small class-conditional demo set (coloured shapes)")
+    synth.add_argument("dst")
+    synth.add_argument("--classes", type=int, default=10)
+    synth.add_argument("--per-class", type=int, default=100)
+    synth.add_argument("--size", type=int, default=32)
+    for p in (write, synth):
+        p.add_argument("--shard-samples", type=int, default=None, help="samples per shard (default 1000)")
+        p.add_argument("--shard-size", default=None, help="target bytes per shard, e.g. 500MB")
+        p.add_argument("--workers", type=int, default=0, help="decode/encode processes")
+        p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    verify = actions.add_parser("verify", help="check a manifest against its shards")
+    verify.add_argument("url")
+    verify.add_argument("--decode", action="store_true", help="also decode every image")
+    shards.set_defaults(func=cmd_shards)
     return parser
 
 

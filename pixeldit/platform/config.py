@@ -61,11 +61,20 @@ class DataConfig:
     source: str = "synthetic"
     image_size: int = 32
     decoder: Literal["pil", "dali"] = "pil"
+    # DataLoader workers for pil; read lanes for dali. Part of the order: resume with the same value
     num_workers: int = 0
+    # random horizontal flips (the authors trained without)
     hflip: bool = False
+    # samples permuted together inside a lane; a resume re-reads at most one window per lane
+    shuffle_window: int = 512
+    # S3-compatible endpoint (else AWS_ENDPOINT_URL / the default); credentials from the environment
+    endpoint_url: Optional[str] = None
+    retries: int = 5
+    # a shard that keeps failing: skip its remaining samples and count them, or stop the run
+    skip_failed_shards: bool = True
 
     def check(self, path: str):
-        _positive(self, path, "image_size")
+        _positive(self, path, "image_size", "shuffle_window", "retries")
         if self.num_workers < 0:
             raise ConfigError(f"{path}.num_workers={self.num_workers} must be >= 0")
 

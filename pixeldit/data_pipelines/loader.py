@@ -1,0 +1,224 @@
+"""`build_loader(cfg, rank, world_size)`: batches {image uint8, label, key} from shards, resumable.
+
+Two decoders share one sample source (source.py): `pil` decodes in DataLoader
+workers (one worker per lane), `dali` gets the encoded bytes from the same
+lanes and decodes with DALI (`mixed` on a GPU, `cpu` otherwise). Either way
+the rank sees the same keys in the same order, and `state_dict()` after k
+batches lets a new loader continue with batch k + 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..diffusion.randomness import stream_seed
+from . import images
+from .manifest import Manifest, load_manifest
+from .source import EpochPlan, ReadStats, ShardReader, Split, interleave, iter_lane, lane_position
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+def to_model_input(batch: dict, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to `device` and scale its uint8 images to [−1, 1] there (4× fewer bytes moved)."""
+    image = batch["image"].to(device, non_blocking=True).to(dtype)
+    return image / 127.5 - 1.0, batch["label"].to(device, non_blocking=True)
+
+
+def flip_coin(seed: int, epoch: int, canonical: int) -> bool:
+    """Per-sample flip decision, decoder-independent: both decoders flip the same images."""
+    return bool(stream_seed(seed, 13, epoch, canonical) & 1)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a worker needs to rebuild its lane (picklable, small)."""
+    manifest: Manifest
+    root: str
+    image_size: int
+    batch: int
+    seed: int
+    split: Split
+    window: int
+    hflip: bool
+    options: dict | None
+    retries: int
+    skip_failed: bool
+
+    def needs_resize(self) -> bool:
+        policy = self.manifest.image
+        return not (policy.mode == "adm" and policy.size == self.image_size)
+
+
+def image_bytes(files: dict[str, bytes]) -> bytes | None:
+    return next((files[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in files), None)
+
+
+def label_of(files: dict[str, bytes], where: str) -> int:
+    try:
+        return int(files["cls"])
+    except (KeyError, ValueError):
+        raise ValueError(f"{where}: sample has no integer .cls label") from None
+
+
+def pil_decode(spec: LoaderSpec, epoch: int, data: bytes) -> np.ndarray:
+    img = images.decode_rgb(data)
+    if spec.needs_resize() or img.size != (spec.image_size, spec.image_size):
+        img = images.adm_center_crop(img, spec.image_size)
+    return images.to_chw_uint8(img)
+
+
+def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats) -> dict:
+    """Decode and stack one batch; a sample that will not decode is skipped and counted."""
+    arrays, labels, keys, indices = [], [], [], []
+    for raw in samples:
+        if raw is None:
+            continue
+        data = image_bytes(raw.files)
+        try:
+            if data is None:
+                raise ValueError(f"no image among {sorted(raw.files)}")
+            array = pil_decode(spec, epoch, data)
+        except Exception as e:  # noqa: BLE001 - a corrupt image must not stop the run
+            stats.corrupt += 1
+            log.warning("skipping sample %r: %s: %s", raw.key, type(e).__name__, e)
+            continue
+        if spec.hflip and flip_coin(spec.seed, epoch, raw.canonical):
+            array = array[:, :, ::-1]
+        arrays.append(array)
+        labels.append(label_of(raw.files, raw.key))
+        keys.append(raw.key)
+        indices.append(raw.canonical)
+    size = spec.image_size
+    image = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+            "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
+
+
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        raise AssertionError("lanes are batch-aligned; a partial batch means a planning bug")
+
+
+def lane_batches(spec: LoaderSpec, epoch: int, lane: int, start_batch: int, decode: bool = True) -> Iterator[dict]:
+    plan = EpochPlan(spec.manifest, spec.seed, epoch, spec.split)
+    reader = ShardReader(spec.manifest, spec.root, spec.options, spec.retries, spec.skip_failed)
+    samples = iter_lane(plan, reader, lane, spec.window, start_batch * spec.batch)
+    for group in _batched(samples, spec.batch):
+        stats, reader.stats = reader.stats, ReadStats()
+        yield _collate(spec, epoch, group, stats) if decode else (group, stats)
+
+
+class _LaneDataset(IterableDataset):
+    """One lane per DataLoader worker; worker w serves lane (w + first_lane) mod lanes."""
+
+    def __init__(self, spec: LoaderSpec, epoch: int, batches_done: int):
+        self.spec, self.epoch, self.batches_done = spec, epoch, batches_done
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        lanes = self.spec.split.lanes
+        lane = (worker + self.batches_done) % lanes
+        yield from lane_batches(self.spec, self.epoch, lane, lane_position(self.batches_done, lanes, lane))
+
+
+class ShardLoader:
+    """Iterates one epoch per `iter()`; the next `iter()` continues with the next epoch."""
+
+    def __init__(self, spec: LoaderSpec, decoder: str = "pil", num_workers: int = 0, device: str = "cpu",
+                 prefetch: int = 2):
+        if decoder not in ("pil", "dali"):
+            raise ValueError(f"data.decoder={decoder!r}: expected 'pil' or 'dali'")
+        self.spec, self.decoder, self.num_workers = spec, decoder, num_workers
+        self.device, self.prefetch = torch.device(device), prefetch
+        self.epoch, self.batches_done = 0, 0
+        self.stats = ReadStats()
+
+    def __len__(self) -> int:
+        return EpochPlan(self.spec.manifest, self.spec.seed, self.epoch, self.spec.split).batches_per_rank
+
+    def __iter__(self) -> Iterator[dict]:
+        total = len(self)
+        if self.decoder == "dali":
+            from .dali import dali_batches
+            batches = dali_batches(self.spec, self.epoch, self.batches_done, self.device, self.prefetch)
+        elif self.num_workers > 0:
+            batches = iter(DataLoader(_LaneDataset(self.spec, self.epoch, self.batches_done), batch_size=None,
+                                      num_workers=self.num_workers, prefetch_factor=self.prefetch,
+                                      pin_memory=self.device.type == "cuda", persistent_workers=False))
+        else:
+            lanes = self.spec.split.lanes
+            first = self.batches_done % lanes
+            batches = interleave([lane_batches(self.spec, self.epoch, lane,
+                                               lane_position(self.batches_done, lanes, lane))
+                                  for lane in range(lanes)], start=first)
+        for batch in batches:
+            self.batches_done += 1
+            self.stats.add(ReadStats(**batch.pop("stats")))
+            yield batch
+        if self.batches_done != total:
+            raise RuntimeError(f"epoch {self.epoch} ended after {self.batches_done} of {total} batches")
+        self.epoch += 1
+        self.batches_done = 0
+
+    def state_dict(self) -> dict:
+        s = self.spec.split
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self.batches_done,
+                "seed": self.spec.seed, "world": s.world, "rank": s.rank, "lanes": s.lanes, "batch": s.batch,
+                "num_samples": self.spec.manifest.num_samples, "stats": self.stats.as_dict()}
+
+    def load_state_dict(self, state: dict):
+        """Continue where `state` stopped.
+
+        Same world size, lanes and batch: exactly the remaining sequence. Another
+        world size or lane count: the same number of global samples of the current
+        epoch counts as done and the rest of the epoch is re-split, so within that
+        epoch some samples repeat and others are skipped; later epochs are exact.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        if state["num_samples"] != self.spec.manifest.num_samples or state["seed"] != self.spec.seed:
+            raise ValueError(f"loader state is for {state['num_samples']} samples / seed {state['seed']}, "
+                             f"this loader has {self.spec.manifest.num_samples} / {self.spec.seed}")
+        s = self.spec.split
+        self.epoch = state["epoch"]
+        self.stats = ReadStats(**state["stats"])
+        if (state["world"], state["lanes"], state["batch"]) == (s.world, s.lanes, s.batch):
+            self.batches_done = state["batches_done"]
+            return
+        done = state["batches_done"] * state["world"] * state["batch"]
+        self.batches_done = min(done // (s.world * s.batch), len(self))
+        log.warning("resuming with world %d x lanes %d x batch %d (state: %d x %d x %d): epoch %d continues at "
+                    "batch %d of a re-split order; samples may repeat or be skipped until the epoch ends",
+                    s.world, s.lanes, s.batch, state["world"], state["lanes"], state["batch"], self.epoch,
+                    self.batches_done)
+
+
+def build_loader(cfg, rank: int, world_size: int, device: str = "cpu") -> ShardLoader:
+    """The trainer's entry point: cfg is the full Config (data and train sections are read)."""
+    data = cfg.data
+    options = {"endpoint_url": data.endpoint_url} if data.endpoint_url else None
+    manifest = load_manifest(data.source, options)
+    if cfg.train.global_batch % world_size:
+        raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by the world size {world_size}")
+    per_rank = cfg.train.global_batch // world_size
+    lanes = max(1, data.num_workers)
+    spec = LoaderSpec(manifest=manifest, root=data.source, image_size=data.image_size, batch=per_rank,
+                      seed=cfg.train.seed, split=Split(world_size, rank, lanes, per_rank),
+                      window=data.shuffle_window, hflip=data.hflip, options=options, retries=data.retries,
+                      skip_failed=data.skip_failed_shards)
+    return ShardLoader(spec, data.decoder, data.num_workers, device)

@@ -1,0 +1,93 @@
+"""`manifest.json`: what a shard set holds, so readers never list buckets or open tars to plan.
+
+It names the shards with their sample counts, bytes and sha256, the image
+policy, the class list and every source item that was skipped (with why).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .storage import join, read_bytes, write_bytes
+
+FORMAT = "pixeldit-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ShardInfo:
+    name: str          # tar file name, relative to the manifest's folder
+    index: str         # DALI index file name
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class ImagePolicy:
+    mode: str = "original"   # "original" bytes, or "adm" centre crop to `size`
+    size: int | None = None
+    format: str = "jpg"      # storage format of re-encoded images: jpg | png | webp (lossless)
+    quality: int = 95
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardInfo]
+    classes: list[str]
+    image: ImagePolicy = field(default_factory=ImagePolicy)
+    skipped: list[dict] = field(default_factory=list)
+    seed: int = 0
+    source: str = ""
+    format: str = FORMAT
+    version: int = VERSION
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["num_samples"] = self.num_samples
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Manifest":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON: {e}") from None
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a {FORMAT} manifest (format={data.get('format')!r})")
+        if data.get("version") != VERSION:
+            raise ValueError(f"{where}: manifest version {data.get('version')} is not supported (expected {VERSION})")
+        data.pop("num_samples", None)
+        try:
+            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+            data["image"] = ImagePolicy(**data.get("image", {}))
+            return cls(**data)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{where}: malformed manifest: {e}") from None
+
+
+def manifest_url(root: str) -> str:
+    return root if root.endswith(".json") else join(root, MANIFEST)
+
+
+def shard_root(url: str) -> str:
+    return url.rsplit("/", 1)[0] if url.endswith(".json") else url.rstrip("/")
+
+
+def load_manifest(root: str, options: dict | None = None) -> Manifest:
+    url = manifest_url(root)
+    try:
+        text = read_bytes(url, options).decode()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shard manifest at {url} (write shards with `pixeldit shards write`)") from None
+    return Manifest.from_json(text, url)
+
+
+def save_manifest(root: str, manifest: Manifest, options: dict | None = None, name: str = MANIFEST):
+    write_bytes(join(root, name), manifest.to_json().encode(), options)

@@ -1,0 +1,246 @@
+"""The one sample source behind both decoders: plan, split, order, stream, retry, resume.
+
+An epoch's order is a pure function of (seed, epoch, world size, rank, lanes,
+batch size) and the manifest's sample counts:
+
+1. Samples have canonical indices 0..N−1 (shard order of the manifest). An
+   epoch keeps ⌊N / (world·B)⌋·world·B of them; the R dropped ones are a
+   cyclic window starting at (epoch·R) mod N, so the remainder rotates and
+   every sample is used over N/R epochs.
+2. Shards are permuted by (seed, epoch); the kept samples in that shard order
+   form the epoch sequence; rank r takes the r-th contiguous block, so ranks
+   read disjoint byte ranges and yield the same number of batches.
+3. A rank's batches are split into `lanes` contiguous runs (one per DataLoader
+   worker); lane l's k-th batch is the rank's batch k·lanes + l, the order in
+   which a DataLoader visits its workers. Contiguous runs keep reads sequential
+   inside shards; a lane is never handed a shard it cannot fill.
+4. Inside a lane, windows of `shuffle_window` samples are permuted by
+   (seed, epoch, rank, lane, window). Resuming re-reads (without decoding) at
+   most one window per lane.
+
+Streams go through fsspec; a transient failure (5xx, throttling, reset, short
+read) reopens the shard at the first sample not yet delivered, from the DALI
+index offsets, so nothing is duplicated or lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from ..diffusion.randomness import stream_seed
+from .manifest import Manifest, shard_root
+from .storage import filesystem, is_transient, join, read_bytes, strip_protocol
+from .tario import iter_members, parse_index, read_sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReadStats:
+    """Counts that travel with every batch so the main process can log them."""
+    retries: int = 0
+    corrupt: int = 0
+    unreadable: int = 0   # samples lost to a shard that kept failing (when skipping is allowed)
+
+    def add(self, other: "ReadStats"):
+        self.retries += other.retries
+        self.corrupt += other.corrupt
+        self.unreadable += other.unreadable
+
+    def as_dict(self) -> dict[str, int]:
+        return {"retries": self.retries, "corrupt": self.corrupt, "unreadable": self.unreadable}
+
+
+@dataclass(frozen=True)
+class Split:
+    world: int
+    rank: int
+    lanes: int
+    batch: int
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} outside world size {self.world}")
+        if self.lanes < 1 or self.batch < 1:
+            raise ValueError(f"lanes={self.lanes} and batch={self.batch} must be positive")
+
+
+def lane_sizes(batches: int, lanes: int) -> list[int]:
+    """Batches per lane: as equal as possible, the first lanes take the extra ones."""
+    return [batches // lanes + (1 if lane < batches % lanes else 0) for lane in range(lanes)]
+
+
+def lane_position(batches_done: int, lanes: int, lane: int) -> int:
+    """How many of the first `batches_done` rank batches came from `lane` (round-robin order)."""
+    return batches_done // lanes + (1 if lane < batches_done % lanes else 0)
+
+
+def interleave(lane_iters: list[Iterator], start: int = 0) -> Iterator:
+    """The DataLoader's worker order: one item from each live lane in turn, starting at lane `start`."""
+    live = list(range(len(lane_iters)))
+    live = live[start:] + live[:start]
+    while live:
+        for lane in list(live):
+            try:
+                yield next(lane_iters[lane])
+            except StopIteration:
+                live.remove(lane)
+
+
+@dataclass
+class EpochPlan:
+    manifest: Manifest
+    seed: int
+    epoch: int
+    split: Split
+    shard_offsets: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        counts = np.array([s.samples for s in self.manifest.shards], dtype=np.int64)
+        self.shard_offsets = np.concatenate([[0], np.cumsum(counts)])
+        total = int(self.shard_offsets[-1])
+        group = self.split.world * self.split.batch
+        self.kept = total // group * group
+        if self.kept == 0:
+            raise ValueError(f"{total} samples cannot fill one global batch of {group} "
+                             f"({self.split.world} ranks x {self.split.batch})")
+        self.num_samples = total
+        self.batches_per_rank = self.kept // group
+
+    def dropped(self) -> np.ndarray:
+        """Canonical indices left out of this epoch (a window that rotates with the epoch)."""
+        r = self.num_samples - self.kept
+        start = (self.epoch * r) % self.num_samples
+        return (start + np.arange(r)) % self.num_samples
+
+    def sequence(self) -> np.ndarray:
+        """The epoch's kept canonical indices, in permuted shard order."""
+        rng = np.random.default_rng(stream_seed(self.seed, 11, self.epoch))
+        order = rng.permutation(len(self.manifest.shards))
+        seq = np.concatenate([np.arange(self.shard_offsets[s], self.shard_offsets[s + 1]) for s in order])
+        keep = np.ones(self.num_samples, dtype=bool)
+        keep[self.dropped()] = False
+        return seq[keep[seq]]
+
+    def lane_sequence(self, lane: int) -> np.ndarray:
+        """Canonical indices of one lane, shuffled inside windows, batch-aligned."""
+        split = self.split
+        per_rank = self.batches_per_rank * split.batch
+        rank_seq = self.sequence()[split.rank * per_rank:(split.rank + 1) * per_rank]
+        sizes = lane_sizes(self.batches_per_rank, split.lanes)
+        start = sum(sizes[:lane]) * split.batch
+        return rank_seq[start:start + sizes[lane] * split.batch]
+
+    def locate(self, canonical: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self.shard_offsets, canonical, side="right") - 1)
+        return shard, int(canonical - self.shard_offsets[shard])
+
+
+def window_order(seed: int, epoch: int, split: Split, lane: int, window: int, size: int) -> np.ndarray:
+    rng = np.random.default_rng(stream_seed(seed, 12, epoch, split.world, split.rank, lane, window))
+    return rng.permutation(size)
+
+
+class ShardReader:
+    """Reads runs of consecutive samples of one shard set, reopening on transient failures."""
+
+    def __init__(self, manifest: Manifest, root: str, options: dict | None = None, retries: int = 5,
+                 skip_failed: bool = True):
+        self.manifest, self.root, self.options = manifest, shard_root(root), options
+        self.retries, self.skip_failed = retries, skip_failed
+        self.stats = ReadStats()
+        self._index: dict[int, list[tuple[int, int]]] = {}
+
+    def url(self, shard: int) -> str:
+        return join(self.root, self.manifest.shards[shard].name)
+
+    def index(self, shard: int) -> list[tuple[int, int]]:
+        if shard not in self._index:
+            url = join(self.root, self.manifest.shards[shard].index)
+            entries = parse_index(read_bytes(url, self.options, self.retries).decode(), url)
+            if len(entries) != self.manifest.shards[shard].samples:
+                raise ValueError(f"{url}: {len(entries)} samples, the manifest says "
+                                 f"{self.manifest.shards[shard].samples}")
+            self._index[shard] = entries
+        return self._index[shard]
+
+    def read_run(self, shard: int, first: int, stop: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        """(member index, key, files) for members first..stop−1 of `shard`, each exactly once."""
+        url = self.url(shard)
+        entries = self.index(shard)
+        fs = filesystem(url, self.options)
+        member, failures = first, 0
+        while member < stop:
+            try:
+                with fs.open(strip_protocol(url), "rb", block_size=4 << 20, cache_type="readahead") as f:
+                    f.seek(entries[member][0])
+                    members = iter_members(f, url)
+                    while member < stop:
+                        key, files = read_sample(members, entries[member][1], url)
+                        yield member, key, files
+                        member += 1
+                        failures = 0
+            except Exception as e:  # noqa: BLE001 - classified: transient ones reopen, others surface
+                if isinstance(e, GeneratorExit):
+                    raise
+                failures += 1
+                transient = is_transient(e) or isinstance(e, ValueError) and "archive ended" in str(e)
+                if transient and failures < self.retries:
+                    self.stats.retries += 1
+                    log.warning("%s: %s: %s; reopening at sample %d (retry %d/%d)", url, type(e).__name__, e,
+                                member, failures, self.retries - 1)
+                    continue
+                if self.skip_failed:
+                    log.error("%s: giving up on samples %d..%d after %d attempts (%s: %s); skipping them",
+                              url, member, stop - 1, failures, type(e).__name__, e)
+                    self.stats.unreadable += stop - member
+                    return
+                raise OSError(f"{url}: unreadable at sample {member} after {failures} attempts: "
+                              f"{type(e).__name__}: {e} (check it with `pixeldit shards verify`)") from e
+
+
+@dataclass
+class RawSample:
+    canonical: int
+    key: str
+    files: dict[str, bytes]
+
+
+def iter_lane(plan: EpochPlan, reader: ShardReader, lane: int, window: int,
+              start_sample: int = 0) -> Iterator[RawSample | None]:
+    """The lane's samples from position `start_sample` on, window-shuffled.
+
+    One item per position: None stands for a sample lost to an unreadable shard,
+    so batches stay aligned to positions (and resume stays exact) around losses.
+    """
+    seq = plan.lane_sequence(lane)
+    first_window = start_sample // window
+    for w in range(first_window, (len(seq) + window - 1) // window):
+        chunk = seq[w * window:(w + 1) * window]
+        wanted = set(chunk.tolist())
+        got: dict[int, RawSample] = {}
+        for shard, lo, hi in _runs(plan, chunk):
+            base = int(plan.shard_offsets[shard])
+            for member, key, files in reader.read_run(shard, lo, hi):
+                if base + member in wanted:
+                    got[base + member] = RawSample(base + member, key, files)
+        order = window_order(plan.seed, plan.epoch, plan.split, lane, w, len(chunk))
+        skip = start_sample - w * window if w == first_window else 0
+        for i in order[skip:]:
+            yield got.get(int(chunk[i]))
+
+
+def _runs(plan: EpochPlan, chunk: np.ndarray) -> list[tuple[int, int, int]]:
+    """Group canonical indices into (shard, first member, stop member) runs, in sequence order."""
+    runs: list[list[int]] = []
+    for c in chunk:
+        shard, member = plan.locate(int(c))
+        if runs and runs[-1][0] == shard and member >= runs[-1][2] and member - runs[-1][2] < 64:
+            runs[-1][2] = member + 1  # small gaps (dropped samples) are read through, not reopened
+        else:
+            runs.append([shard, member, member + 1])
+    return [tuple(r) for r in runs]

@@ -1,0 +1,175 @@
+"""WebDataset tar shards: a deterministic writer with its DALI index, and a resumable reader.
+
+The reader parses ustar headers itself instead of going through `tarfile`: it
+needs exact byte counts (a body cut short by the network must be noticed, not
+read as a truncated archive) and the offset of every sample, so a failed
+stream can be reopened at the first sample not yet delivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+from .storage import TransientError
+
+BLOCK = 512
+INDEX_VERSION = "v1.2"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'dir/key.cls.txt' -> ('dir/key', 'cls.txt'): the key ends at the first dot of the file name."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
+class _CountingHashWriter(io.RawIOBase):
+    def __init__(self, sink: BinaryIO):
+        self.sink = sink
+        self.bytes = 0
+        self.sha256 = hashlib.sha256()
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.sink.write(data)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return len(data)
+
+
+@dataclass
+class ShardWriter:
+    """Writes samples into one tar stream; tracks bytes, sha256 and the DALI index as it goes.
+
+    Headers carry fixed mtime/owner/mode so the same samples give the same bytes
+    (and checksum) on every run.
+    """
+
+    sink: BinaryIO
+    entries: list[list[tuple[str, int, int, str]]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._out = _CountingHashWriter(self.sink)
+        self._tar = tarfile.open(fileobj=self._out, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def add(self, key: str, files: dict[str, bytes]):
+        if "." in key.rsplit("/", 1)[-1]:
+            raise ValueError(f"sample key {key!r} must not contain a dot in its file name")
+        components = []
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            if len(info.name) > 99:
+                raise ValueError(f"member name {info.name!r} is longer than ustar's 99 characters")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+            header_offset = self._tar.offset  # the sink lags: "w|" buffers in 10 KiB records
+            self._tar.addfile(info, io.BytesIO(data))
+            components.append((ext, header_offset + BLOCK, len(data), info.name))
+        self.entries.append(components)
+
+    @property
+    def bytes_written(self) -> int:
+        return self._out.bytes
+
+    def close(self) -> tuple[int, str]:
+        self._tar.close()
+        return self._out.bytes, self._out.sha256.hexdigest()
+
+    def index_text(self) -> str:
+        lines = [f"{INDEX_VERSION} {len(self.entries)}"]
+        lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in sample) for sample in self.entries]
+        return "\n".join(lines) + "\n"
+
+
+def parse_index(text: str, where: str) -> list[tuple[int, int]]:
+    """(header offset, member count) of every sample in a DALI (wds2idx v1.2) index file."""
+    lines = text.strip().splitlines()
+    if not lines or not lines[0].startswith("v1."):
+        raise ValueError(f"{where}: not a DALI webdataset index (first line {lines[:1]})")
+    count = int(lines[0].split()[1])
+    samples = []
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) % 4:
+            raise ValueError(f"{where}: malformed index line {line!r}")
+        samples.append((int(fields[1]) - BLOCK, len(fields) // 4))
+    if len(samples) != count:
+        raise ValueError(f"{where}: header says {count} samples, {len(samples)} listed")
+    return samples
+
+
+def _read_exact(stream: BinaryIO, n: int, where: str) -> bytes:
+    chunks, remaining = [], n
+    while remaining:
+        chunk = stream.read(remaining)
+        if not chunk:
+            raise TransientError(f"{where}: stream ended {remaining} bytes short")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _octal(field_bytes: bytes) -> int:
+    text = field_bytes.rstrip(b"\0 ").strip()
+    return int(text, 8) if text else 0
+
+
+def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of every regular file, from the current position to the end marker."""
+    pending_name = None
+    while True:
+        header = _read_exact(stream, BLOCK, where)
+        if header == b"\0" * BLOCK:
+            return
+        if tarfile.calc_chksums(header)[0] != _octal(header[148:156]):
+            raise ValueError(f"{where}: corrupt tar header (checksum mismatch)")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        data = _read_exact(stream, size, where)
+        pad = -size % BLOCK
+        if pad:
+            _read_exact(stream, pad, where)
+        if kind == b"L":  # GNU long name for the next member
+            pending_name = data.rstrip(b"\0").decode()
+            continue
+        if kind not in (b"0", b"\0"):
+            continue
+        name = pending_name or (header[345:500].rstrip(b"\0") + b"/" if header[345] else b"").decode() + \
+            header[:100].rstrip(b"\0").decode()
+        pending_name = None
+        yield name, data
+
+
+def read_sample(members: Iterator[tuple[str, bytes]], count: int, where: str) -> tuple[str, dict[str, bytes]]:
+    """The next sample of `count` members (the count comes from the index: no look-ahead needed)."""
+    key, files = None, {}
+    for _ in range(count):
+        try:
+            name, data = next(members)
+        except StopIteration:
+            raise ValueError(f"{where}: archive ended inside sample {key!r}") from None
+        k, ext = split_name(name)
+        if key is not None and k != key:
+            raise ValueError(f"{where}: index says {count} members for {key!r}, found {name!r}")
+        key = k
+        files[ext] = data
+    return key, files
+
+
+def iter_samples(stream: BinaryIO, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive members by key: (key, {extension: bytes}), for archives without an index."""
+    key, files = None, {}
+    for name, data in iter_members(stream, where):
+        k, ext = split_name(name)
+        if k != key and key is not None:
+            yield key, files
+            files = {}
+        key = k
+        files[ext] = data
+    if key is not None:
+        yield key, files

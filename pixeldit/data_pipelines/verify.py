@@ -1,0 +1,65 @@
+"""`pixeldit shards verify`: check a manifest against its shards and say what is wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+from tqdm import tqdm
+
+from . import images
+from .manifest import load_manifest, shard_root
+from .storage import filesystem, join, read_bytes, strip_protocol
+from .tario import iter_samples, parse_index
+
+
+def verify_shards(root: str, options: dict | None = None, decode: bool = False, progress: bool = True) -> list[str]:
+    """Problems found, one line each naming the file; an empty list means the set is sound."""
+    manifest = load_manifest(root, options)
+    base = shard_root(root)
+    fs = filesystem(base, options)
+    problems = []
+    for shard in tqdm(manifest.shards, desc="verifying", unit="shard", disable=not progress):
+        url = join(base, shard.name)
+        try:
+            data = read_bytes(url, options)
+        except FileNotFoundError:
+            problems.append(f"{url}: missing")
+            continue
+        if len(data) != shard.bytes:
+            problems.append(f"{url}: {len(data)} bytes, manifest says {shard.bytes}")
+        if hashlib.sha256(data).hexdigest() != shard.sha256:
+            problems.append(f"{url}: sha256 differs from the manifest")
+        index_url = join(base, shard.index)
+        if not fs.exists(strip_protocol(index_url)):
+            problems.append(f"{index_url}: missing (DALI needs it)")
+        else:
+            try:
+                count = len(parse_index(read_bytes(index_url, options).decode(), index_url))
+                if count != shard.samples:
+                    problems.append(f"{index_url}: {count} samples, manifest says {shard.samples}")
+            except ValueError as e:
+                problems.append(str(e))
+        try:
+            n = 0
+            for key, files in iter_samples(io.BytesIO(data), url):
+                n += 1
+                if "cls" not in files:
+                    problems.append(f"{url}: sample {key!r} has no .cls label")
+                elif not files["cls"].strip().isdigit() or int(files["cls"]) >= len(manifest.classes):
+                    problems.append(f"{url}: sample {key!r} has label {files['cls']!r} outside the "
+                                    f"{len(manifest.classes)} classes")
+                if decode:
+                    image = next((files[e] for e in images.FORMATS if e in files), None)
+                    if image is None:
+                        problems.append(f"{url}: sample {key!r} has no image ({sorted(files)})")
+                    else:
+                        try:
+                            images.decode_rgb(image)
+                        except Exception as e:  # noqa: BLE001
+                            problems.append(f"{url}: sample {key!r} does not decode: {type(e).__name__}: {e}")
+            if n != shard.samples:
+                problems.append(f"{url}: {n} samples, manifest says {shard.samples}")
+        except (ValueError, OSError) as e:
+            problems.append(f"{url}: unreadable tar: {e}")
+    return problems
