@@ -1,0 +1,125 @@
+"""The DALI decoder: the shared sample source feeds encoded bytes, DALI decodes and transforms.
+
+Order, splitting, retries and resume stay in source.py, so both decoders see
+the same keys in the same order. A reader thread fills a small queue with the
+next batches' bytes (I/O releases the GIL); DALI's external_source pulls from
+it, and a FIFO pairs each DALI output with its labels and keys (DALI returns
+batches in the order its source produced them).
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .loader import LoaderSpec, flip_coin, image_bytes, label_of, lane_batches
+from .source import EpochPlan, interleave, lane_position
+
+_END = object()
+
+
+def _reader_thread(spec: LoaderSpec, epoch: int, batches_done: int, out: queue.Queue, stop: threading.Event):
+    lanes = spec.split.lanes
+    try:
+        groups = interleave([lane_batches(spec, epoch, lane, lane_position(batches_done, lanes, lane), decode=False)
+                             for lane in range(lanes)], start=batches_done % lanes)
+        for group, stats in groups:
+            if stop.is_set():
+                return
+            out.put((group, stats))
+        out.put(_END)
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        out.put(e)
+
+
+def _build_pipeline(spec: LoaderSpec, source, device: torch.device, prefetch: int, threads: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device.type == "cuda"
+
+    @pipeline_def(batch_size=spec.batch, num_threads=threads, device_id=device.index or 0 if gpu else None,
+                  prefetch_queue_depth=prefetch, exec_dynamic=True)
+    def pipeline():
+        encoded, flips = fn.external_source(source=source, num_outputs=2, batch=True,
+                                            dtype=[types.UINT8, types.INT32], ndim=[1, 0])
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        if spec.needs_resize():
+            # DALI's antialiased bicubic approximates ADM's box-halving + bicubic (docs/data.md)
+            images = fn.resize(images, resize_shorter=spec.image_size, interp_type=types.INTERP_CUBIC,
+                               antialias=True)
+            images = fn.crop(images, crop=(spec.image_size, spec.image_size), out_of_bounds_policy="trim_to_shape")
+        images = fn.flip(images, horizontal=flips)
+        return fn.transpose(images, perm=[2, 0, 1])
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.device, prefetch: int = 2,
+                 threads: int = 4) -> Iterator[dict]:
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    plan = EpochPlan(spec.manifest, spec.seed, epoch, spec.split)
+    pending: collections.deque = collections.deque()
+    feed: queue.Queue = queue.Queue(maxsize=prefetch + 2)
+    stop = threading.Event()
+    reader = threading.Thread(target=_reader_thread, args=(spec, epoch, batches_done, feed, stop), daemon=True)
+    reader.start()
+
+    def source():
+        item = feed.get()
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        group, stats = item
+        present = [raw for raw in group if raw is not None]
+        encoded, flips, labels, keys, indices = [], [], [], [], []
+        for raw in present:
+            data = image_bytes(raw.files)
+            if data is None:
+                raise ValueError(f"{_shard_of(plan, raw.canonical)}: sample {raw.key!r} has no image")
+            encoded.append(np.frombuffer(data, dtype=np.uint8))
+            flips.append(np.int32(spec.hflip and flip_coin(spec.seed, epoch, raw.canonical)))
+            labels.append(label_of(raw.files, raw.key))
+            keys.append(raw.key)
+            indices.append(raw.canonical)
+        pending.append((labels, keys, indices, stats, sorted({_shard_of(plan, i) for i in indices})))
+        return encoded, flips
+
+    pipe = _build_pipeline(spec, source, device, prefetch, threads)
+    iterator = DALIGenericIterator(pipe, ["image"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False,
+                                   prepare_first_batch=False)
+    try:
+        while True:
+            try:
+                out = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                shards = pending[0][4] if pending else []
+                raise RuntimeError(f"DALI failed to decode a batch from {', '.join(shards) or 'unknown shards'}; "
+                                   f"DALI cannot skip bad samples: run `pixeldit shards verify --decode` on them "
+                                   f"or use data.decoder=pil, which skips and counts them. ({e})") from e
+            labels, keys, indices, stats, _ = pending.popleft()
+            image = out[0]["image"]
+            yield {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+                   "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue, then let it finish
+            try:
+                feed.get_nowait()
+            except queue.Empty:
+                reader.join(timeout=0.1)
+        del iterator, pipe
+
+
+def _shard_of(plan: EpochPlan, canonical: int) -> str:
+    return plan.manifest.shards[plan.locate(canonical)[0]].name
