@@ -32,11 +32,14 @@ class _CountingHashWriter(io.RawIOBase):
         self.sink = sink
         self.bytes = 0
         self.sha256 = hashlib.sha256()
+        self.discarded = False
 
     def writable(self):
         return True
 
     def write(self, data):
+        if self.discarded:  # an aborted shard: tarfile's finaliser must not write into a closed sink
+            return len(data)
         self.sink.write(data)
         self.sha256.update(data)
         self.bytes += len(data)
@@ -79,6 +82,9 @@ class ShardWriter:
     def close(self) -> tuple[int, str]:
         self._tar.close()
         return self._out.bytes, self._out.sha256.hexdigest()
+
+    def discard(self):
+        self._out.discarded = True
 
     def index_text(self) -> str:
         lines = [f"{INDEX_VERSION} {len(self.entries)}"]
