@@ -10,6 +10,7 @@ batches in the order its source produced them).
 from __future__ import annotations
 
 import collections
+import io
 import queue
 import threading
 from typing import Iterator
@@ -17,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from . import images
 from .loader import LoaderSpec, flip_coin, image_bytes, label_of, lane_batches
 from .source import EpochPlan, interleave, lane_position
 
@@ -45,16 +47,18 @@ def _build_pipeline(spec: LoaderSpec, source, device: torch.device, prefetch: in
     @pipeline_def(batch_size=spec.batch, num_threads=threads, device_id=device.index or 0 if gpu else None,
                   prefetch_queue_depth=prefetch, exec_dynamic=True)
     def pipeline():
-        encoded, flips = fn.external_source(source=source, num_outputs=2, batch=True,
-                                            dtype=[types.UINT8, types.INT32], ndim=[1, 0])
-        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        encoded, flips, resized_hw, anchor_yx = fn.external_source(
+            source=source, num_outputs=4, batch=True, dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT],
+            ndim=[1, 0, 1, 1])
+        decoded = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         if spec.needs_resize():
-            # DALI's antialiased bicubic approximates ADM's box-halving + bicubic (docs/data.md)
-            images = fn.resize(images, resize_shorter=spec.image_size, interp_type=types.INTERP_CUBIC,
-                               antialias=True)
-            images = fn.crop(images, crop=(spec.image_size, spec.image_size), out_of_bounds_policy="trim_to_shape")
-        images = fn.flip(images, horizontal=flips)
-        return fn.transpose(images, perm=[2, 0, 1])
+            # one antialiased bicubic pass onto ADM's exact output grid (sizes and crop offsets come
+            # from the source, read off the image headers); only the filter differs (docs/data.md)
+            decoded = fn.resize(decoded, size=resized_hw, interp_type=types.INTERP_CUBIC, antialias=True)
+            decoded = fn.slice(decoded, anchor_yx, [float(spec.image_size)] * 2, axes=[0, 1],
+                               normalized_anchor=False, normalized_shape=False)
+        decoded = fn.flip(decoded, horizontal=flips)
+        return fn.transpose(decoded, perm=[2, 0, 1])
 
     pipe = pipeline()
     pipe.build()
@@ -80,18 +84,24 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
             raise item
         group, stats = item
         present = [raw for raw in group if raw is not None]
-        encoded, flips, labels, keys, indices = [], [], [], [], []
+        encoded, flips, sizes, anchors, labels, keys, indices = [], [], [], [], [], [], []
         for raw in present:
             data = image_bytes(raw.files)
             if data is None:
                 raise ValueError(f"{_shard_of(plan, raw.canonical)}: sample {raw.key!r} has no image")
             encoded.append(np.frombuffer(data, dtype=np.uint8))
+            if spec.needs_resize():
+                (w, h), (left, top) = images.adm_geometry(*image_size_of(data), spec.image_size)
+            else:
+                (w, h), (left, top) = (spec.image_size, spec.image_size), (0, 0)
+            sizes.append(np.array([h, w], dtype=np.float32))
+            anchors.append(np.array([top, left], dtype=np.float32))
             flips.append(np.int32(spec.hflip and flip_coin(spec.seed, epoch, raw.canonical)))
             labels.append(label_of(raw.files, raw.key))
             keys.append(raw.key)
             indices.append(raw.canonical)
         pending.append((labels, keys, indices, stats, sorted({_shard_of(plan, i) for i in indices})))
-        return encoded, flips
+        return encoded, flips, sizes, anchors
 
     pipe = _build_pipeline(spec, source, device, prefetch, threads)
     iterator = DALIGenericIterator(pipe, ["image"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False,
@@ -119,6 +129,13 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
             except queue.Empty:
                 reader.join(timeout=0.1)
         del iterator, pipe
+
+
+def image_size_of(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone: PIL parses it lazily without decoding pixels."""
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
 
 def _shard_of(plan: EpochPlan, canonical: int) -> str:

@@ -42,6 +42,18 @@ def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def adm_geometry(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resized width, height) and (left, top) of the crop that adm_center_crop applies.
+
+    Lets a decoder that resizes in one pass (DALI) land on the same pixel grid.
+    """
+    while min(width, height) >= 2 * size:
+        width, height = width // 2, height // 2
+    scale = size / min(width, height)
+    width, height = round(width * scale), round(height * scale)
+    return (width, height), ((width - size) // 2, (height - size) // 2)
+
+
 def encode(img: Image.Image, fmt: str, quality: int = 95) -> bytes:
     if fmt not in FORMATS:
         raise ValueError(f"image format {fmt!r}: expected one of {sorted(FORMATS)}")
