@@ -91,7 +91,13 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
                 raise ValueError(f"{_shard_of(plan, raw.canonical)}: sample {raw.key!r} has no image")
             encoded.append(np.frombuffer(data, dtype=np.uint8))
             if spec.needs_resize():
-                (w, h), (left, top) = images.adm_geometry(*image_size_of(data), spec.image_size)
+                try:
+                    width_height = image_size_of(data)
+                except Exception as e:  # noqa: BLE001 - named below
+                    raise RuntimeError(f"{_shard_of(plan, raw.canonical)}: sample {raw.key!r} is not a readable "
+                                       f"image ({e}); DALI cannot skip it: run `pixeldit shards verify --decode` "
+                                       f"or use data.decoder=pil, which skips and counts it") from e
+                (w, h), (left, top) = images.adm_geometry(*width_height, spec.image_size)
             else:
                 (w, h), (left, top) = (spec.image_size, spec.image_size), (0, 0)
             sizes.append(np.array([h, w], dtype=np.float32))
@@ -113,6 +119,8 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
             except StopIteration:
                 return
             except RuntimeError as e:
+                if "shards verify" in str(e):
+                    raise
                 shards = pending[0][4] if pending else []
                 raise RuntimeError(f"DALI failed to decode a batch from {', '.join(shards) or 'unknown shards'}; "
                                    f"DALI cannot skip bad samples: run `pixeldit shards verify --decode` on them "
