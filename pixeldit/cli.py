@@ -98,6 +98,19 @@ def cmd_shards(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import logging
+
+    from pixeldit.platform.config import load_config
+    from pixeldit.platform.trainer import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    state = train(cfg, args.run_dir)
+    print(f"trained {state.step} steps ({state.skipped} skipped); run directory: {args.run_dir or cfg.train.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixeldit", description="PixelDiT training platform")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -109,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                       help="architecture override, e.g. --set variant=dit")
     info.set_defaults(func=cmd_info)
+
+    train = verbs.add_parser("train", help="train (resumes from the run directory's latest checkpoint)")
+    _add_config_args(train)
+    train.add_argument("--run-dir", default=None, help="override train.run_dir")
+    train.set_defaults(func=cmd_train)
 
     config = verbs.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(config)

@@ -144,10 +144,26 @@ class ScheduleConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: float = 0.9999
+    # min(decay, (1 + n) / (10 + n)) after n updates: lets a short run's EMA leave its init
+    warmup: bool = False
+
+    def check(self, path: str):
+        if not 0.0 < self.decay < 1.0:
+            raise ConfigError(f"{path}.decay={self.decay} must be in (0, 1)")
+
+
+@dataclass
 class DistributedConfig:
     strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = "ddp"
     precision: Literal["bf16", "fp32"] = "fp32"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # a collective that waits longer than this is an error naming the rank and the step
+    timeout_s: int = 600
+
+    def check(self, path: str):
+        _positive(self, path, "timeout_s")
 
 
 @dataclass
@@ -163,9 +179,16 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = 10
     tensorboard: bool = True
+    # EMA sample grid in TensorBoard every N steps (0: never); few images, fixed seeds and classes
+    sample_every_steps: int = 0
+    sample_steps: int = 25
+    # per-device peak TFLOP/s for MFU; 0 looks the device up in a table (no MFU on CPUs)
+    peak_tflops: float = 0.0
+    # consecutive non-finite steps before the run stops
+    max_skipped_steps: int = 20
 
     def check(self, path: str):
-        _positive(self, path, "every_steps")
+        _positive(self, path, "every_steps", "sample_steps", "max_skipped_steps")
 
 
 @dataclass
@@ -203,6 +226,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -1,0 +1,95 @@
+"""EMA of the fp32 master weights, sharded like them, saved in one format for every strategy.
+
+Each strategy hands over its rank's fp32 master *fragments*: for every named
+parameter, a 1-D view of the flattened fp32 master covering [start, start + n)
+of that parameter (the whole tensor under ddp, a row block under fsdp, a flat
+partition under ZeRO). The EMA keeps one fp32 copy per fragment, so its memory
+per rank follows the sharding (≈ 1/world), and it never reads bf16 copies: an
+update of 1e-4 of a weight is below bf16's resolution.
+
+On disk the EMA is a DCP checkpoint of 1-D ShardedTensors named after the
+parameters; each rank contributes its fragments. It therefore consolidates and
+reshards the same way whichever strategy or world size wrote it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Fragment:
+    name: str
+    shape: tuple[int, ...]   # the parameter's full shape
+    start: int               # offset into the flattened parameter
+    master: torch.Tensor     # 1-D fp32 view of the rank's master slice (live, updated by the optimizer)
+
+
+class ShardedEMA:
+    def __init__(self, fragments: list[Fragment], decay: float, warmup: bool = False):
+        self.fragments = fragments
+        self.decay, self.warmup = decay, warmup
+        self.shadow = [f.master.detach().float().clone() for f in fragments]
+        self.updates = 0
+
+    def decay_at(self, updates: int) -> float:
+        """With warm-up, min(decay, (1 + n) / (10 + n)): an EMA that can leave its init in a short run."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + updates) / (10 + updates))
+
+    @torch.no_grad()
+    def update(self):
+        weight = 1.0 - self.decay_at(self.updates)
+        if self.shadow:
+            torch._foreach_lerp_(self.shadow, [f.master.detach().float() for f in self.fragments], weight)
+        self.updates += 1
+
+    def local_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.shadow)
+
+    # ---------------------------------------------------------------- persistence
+
+    def sharded_state(self, rank: int) -> dict:
+        """{name: 1-D ShardedTensor} for DCP; ranks that hold no slice of a name contribute nothing."""
+        import torch.distributed as dist
+        from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+
+        if not (dist.is_available() and dist.is_initialized()):
+            # one process holds every parameter whole: plain flat tensors, same names and layout
+            return {f.name: shadow for f, shadow in zip(self.fragments, self.shadow)}
+        by_name: dict[str, list] = {}
+        sizes: dict[str, int] = {}
+        for fragment, shadow in zip(self.fragments, self.shadow):
+            sizes[fragment.name] = _numel(fragment.shape)
+            if shadow.numel():
+                meta = ShardMetadata([fragment.start], [shadow.numel()], f"rank:{rank}/{shadow.device}")
+                by_name.setdefault(fragment.name, []).append(Shard(shadow, meta))
+        return {name: ShardedTensor._init_from_local_shards(by_name.get(name, []), [size])
+                for name, size in sorted(sizes.items())}
+
+    def save(self, path: str, rank: int):
+        import torch.distributed.checkpoint as dcp
+        dcp.save(self.sharded_state(rank), checkpoint_id=path)
+
+    def load(self, path: str, rank: int):
+        """Read this rank's slices from an EMA checkpoint written by any strategy and world size."""
+        import torch.distributed.checkpoint as dcp
+        dcp.load(self.sharded_state(rank), checkpoint_id=path)  # the shards are views of self.shadow
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def load_full_ema(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Consolidate an EMA checkpoint in one process: {name: full fp32 tensor of `shapes[name]`}."""
+    import torch.distributed.checkpoint as dcp
+    flat = {name: torch.empty(_numel(shape), dtype=torch.float32) for name, shape in shapes.items()}
+    dcp.load(flat, checkpoint_id=path)
+    return {name: t.view(shapes[name]) for name, t in flat.items()}

@@ -1,0 +1,245 @@
+"""`pixeldit train`: the training loop shared by every strategy.
+
+One step = one global batch: the rank's share is split into micro-batches; the
+per-sample draws (t, ε, label drop) come from (seed, step, sample index), so
+neither accumulation nor world size changes them. One all-reduce per step
+carries the loss sum, the non-finite flag and the stop (SIGTERM) flag, so all
+ranks skip, save and stop together.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..diffusion import RectifiedFlow, velocity_loss
+from ..models import build_model, build_projector, training_flops
+from .checkpoint import latest_checkpoint, load_rank_state, read_meta, save_checkpoint
+from .ema import ShardedEMA
+from .monitor import Monitor
+from .schedule import StagedSchedule
+from .strategies import TrainModule, build_strategy
+
+log = logging.getLogger("pixeldit.train")
+
+
+@dataclass
+class TrainState:
+    step: int = 0          # global batches consumed (also the seed index of the draws)
+    updates: int = 0       # optimizer steps taken (skipped steps excluded): the schedule's clock
+    skipped: int = 0
+    consecutive_skips: int = 0
+    history: list = field(default_factory=list)
+
+
+def setup_distributed(cfg) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if cuda else "gloo")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, device
+
+
+def check_world(cfg, world: int):
+    """Refuse impossible batch layouts before any process group work."""
+    t = cfg.train
+    if t.global_batch % (world * t.micro_batch):
+        raise ValueError(f"train.global_batch={t.global_batch} is not divisible by world size {world} x "
+                         f"train.micro_batch={t.micro_batch}")
+
+
+def ensure_synthetic_data(cfg, run_dir: str, rank: int) -> str:
+    """The demo's data: coloured shapes written under the run directory on first use."""
+    from ..data_pipelines.manifest import MANIFEST
+    from ..data_pipelines.writer import synthetic_items, write_shards
+
+    root = os.path.join(run_dir, "data")
+    if rank == 0 and not os.path.exists(os.path.join(root, MANIFEST)):
+        arch = cfg.model.arch()
+        items, classes = synthetic_items(min(arch.num_classes, 10), 200, cfg.data.image_size, cfg.train.seed)
+        write_shards(items, classes, root, shard_samples=250, seed=cfg.train.seed, source="synthetic")
+    if dist.is_initialized():
+        dist.barrier()
+    return root
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: str | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir or cfg.train.run_dir
+        self.rank, self.world, self.device = setup_distributed(cfg)
+        check_world(cfg, self.world)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and strategy
+        os.makedirs(self.run_dir, exist_ok=True)
+        if cfg.data.source == "synthetic":
+            cfg.data.source = ensure_synthetic_data(cfg, self.run_dir, self.rank)
+
+        from ..data_pipelines.loader import build_loader
+        self.loader = build_loader(cfg, self.rank, self.world, str(self.device))
+        arch = cfg.model.arch()
+        self.arch = arch
+        model = build_model(cfg.model.name, **cfg.model.overrides())
+        projector = None
+        if cfg.repa.mode != "off":
+            projector = build_projector(arch.hidden_size, cfg.repa.encoder_dim)
+        self.strategy = build_strategy(TrainModule(model, projector, cfg.repa.block), cfg, self.device)
+        self.ema = ShardedEMA(self.strategy.fragments(), cfg.ema.decay, cfg.ema.warmup)
+        self.flow = RectifiedFlow.from_config(cfg.diffusion, arch.num_classes)
+        self.schedule = StagedSchedule.from_config(cfg.schedule)
+        self.state = TrainState()
+        self.checkpoint_root = os.path.join(self.run_dir, "checkpoints")
+        self.stop_requested = False
+        self.monitor = Monitor(cfg, self.run_dir, self.rank, self.world, self.device,
+                               training_flops(arch, cfg.data.image_size, cfg.data.image_size))
+
+    # ------------------------------------------------------------ resume
+
+    def resume(self, path: str | None = None) -> bool:
+        path = path or latest_checkpoint(self.checkpoint_root)
+        if path is None:
+            return False
+        meta = read_meta(path)
+        self.strategy.load(os.path.join(path, "engine"))
+        self.ema.load(os.path.join(path, "ema"), self.rank)
+        rank_state = load_rank_state(path, self.rank if self.rank < meta["world"] else 0)
+        self.loader.load_state_dict(rank_state["loader"])
+        _set_rng_state(rank_state["rng"])
+        s = meta["state"]
+        self.state = TrainState(step=s["step"], updates=s["updates"], skipped=s["skipped"],
+                                consecutive_skips=s["consecutive_skips"])
+        self.ema.updates = meta["ema_updates"]
+        if self.rank == 0:
+            log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.loader.epoch)
+        return True
+
+    def save(self) -> str:
+        s = self.state
+        meta = {"step": s.step, "world": self.world, "strategy": self.strategy.name,
+                "state": {"step": s.step, "updates": s.updates, "skipped": s.skipped,
+                          "consecutive_skips": s.consecutive_skips},
+                "ema_updates": self.ema.updates, "epoch": self.loader.epoch,
+                "model": {"name": self.cfg.model.name, **self.cfg.model.overrides()},
+                "config": self.cfg.to_dict()}
+        rank_state = {"loader": self.loader.state_dict(), "rng": _rng_state()}
+        return save_checkpoint(self.checkpoint_root, s.step, self.rank, strategy=self.strategy, ema=self.ema,
+                               rank_state=rank_state, meta=meta, keep_last=self.cfg.checkpoint.keep_last)
+
+    # ------------------------------------------------------------ one step
+
+    def _micro_batches(self, batch: dict):
+        n = self.cfg.train.micro_batch
+        for i in range(0, len(batch["key"]), n):
+            yield {k: v[i:i + n] for k, v in batch.items()}
+
+    def train_step(self, batch: dict) -> dict:
+        from ..data_pipelines.loader import to_model_input
+
+        cfg, s = self.cfg, self.state
+        stage = self.schedule.at(s.updates, self.loader.epoch)
+        self.strategy.begin_step(stage.lr, stage.clip)
+        micros = list(self._micro_batches(batch))
+        # DeepSpeed divides by its accumulation count itself; the others average micro-batch means here
+        divisor = 1 if self.strategy.name.startswith("zero") else len(micros)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, micro in enumerate(micros):
+            x, y = to_model_input(micro, self.device)
+            draws = self.flow.draw(cfg.train.seed, s.step, micro["index"].tolist(), tuple(x.shape[1:]), self.device)
+            x_t, t, y_in, target = self.flow.training_inputs(x, y, draws)
+            with self.strategy.accumulating(last=i == len(micros) - 1):
+                v, _ = self.strategy.forward(x_t, t, y_in)
+                per_sample = velocity_loss(v, target, "none")
+                self.strategy.backward(per_sample.mean() / divisor)
+            loss_sum += per_sample.detach().double().sum().cpu()
+        flags = torch.tensor([loss_sum.item(), float(len(batch["key"])),
+                              0.0 if torch.isfinite(loss_sum) else 1.0, 1.0 if self.stop_requested else 0.0],
+                             dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(flags)
+        loss = flags[0].item() / max(flags[1].item(), 1.0)
+        nonfinite, stop = flags[2].item() > 0, flags[3].item() > 0
+        grad_norm, stepped = self.strategy.finish_step(skip=nonfinite)
+        if stepped:
+            self.ema.update()
+            s.updates += 1
+            s.consecutive_skips = 0
+        else:
+            s.skipped += 1
+            s.consecutive_skips += 1
+        s.step += 1
+        return {"loss": loss, "grad_norm": grad_norm, "lr": stage.lr, "clip": stage.clip, "stage": stage.index,
+                "stepped": stepped, "stop": stop, "samples": int(flags[1].item())}
+
+    # ------------------------------------------------------------ the loop
+
+    def _on_sigterm(self, signum, frame):
+        self.stop_requested = True  # acted on at the next step boundary, by every rank together
+
+    def fit(self) -> TrainState:
+        cfg = self.cfg
+        resumed = self.resume()
+        if self.rank == 0:
+            self.monitor.log_run_info(resumed)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        data = iter(self.loader)
+        try:
+            while self.state.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(data)
+                except StopIteration:
+                    data = iter(self.loader)
+                    batch = next(data)
+                t_data = time.perf_counter() - t0
+                metrics = self.train_step(batch)
+                metrics["data_time"], metrics["step_time"] = t_data, time.perf_counter() - t0
+                self.state.history.append(metrics["loss"])
+                self.monitor.step(self.state, metrics, self.loader, self.ema, self.strategy)
+                if self.state.consecutive_skips >= cfg.logging.max_skipped_steps:
+                    raise RuntimeError(f"{self.state.consecutive_skips} consecutive steps had a non-finite loss or "
+                                       f"gradient norm (last at step {self.state.step}); stopping with the last "
+                                       f"checkpoint intact: {latest_checkpoint(self.checkpoint_root)}")
+                if metrics["stop"]:
+                    self.save()
+                    if self.rank == 0:
+                        log.warning("stop requested (SIGTERM): saved step %d and exiting", self.state.step)
+                    break
+                if self.state.step % cfg.checkpoint.every_steps == 0 or self.state.step == cfg.train.steps:
+                    self.save()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.monitor.close()
+        return self.state
+
+
+def train(cfg, run_dir: str | None = None) -> TrainState:
+    trainer = Trainer(cfg, run_dir)
+    return trainer.fit()
