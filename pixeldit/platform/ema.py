@@ -28,8 +28,10 @@ class Fragment:
 
 
 class ShardedEMA:
-    def __init__(self, fragments: list[Fragment], decay: float, warmup: bool = False):
+    def __init__(self, fragments: list[Fragment], decay: float, warmup: bool = False, replicated: bool = False):
         self.fragments = fragments
+        # replicated (ddp): every rank holds the same whole tensors; rank 0 alone writes them
+        self.replicated = replicated
         self.decay, self.warmup = decay, warmup
         self.shadow = [f.master.detach().float().clone() for f in fragments]
         self.updates = 0
@@ -64,7 +66,7 @@ class ShardedEMA:
         sizes: dict[str, int] = {}
         for fragment, shadow in zip(self.fragments, self.shadow):
             sizes[fragment.name] = _numel(fragment.shape)
-            if shadow.numel():
+            if shadow.numel() and (rank == 0 or not self.replicated):
                 meta = ShardMetadata([fragment.start], [shadow.numel()], f"rank:{rank}/{shadow.device}")
                 by_name.setdefault(fragment.name, []).append(Shard(shadow, meta))
         return {name: ShardedTensor._init_from_local_shards(by_name.get(name, []), [size])
@@ -77,7 +79,10 @@ class ShardedEMA:
     def load(self, path: str, rank: int):
         """Read this rank's slices from an EMA checkpoint written by any strategy and world size."""
         import torch.distributed.checkpoint as dcp
-        dcp.load(self.sharded_state(rank), checkpoint_id=path)  # the shards are views of self.shadow
+        if self.replicated:  # every rank reads every tensor whole
+            dcp.load({f.name: shadow for f, shadow in zip(self.fragments, self.shadow)}, checkpoint_id=path)
+        else:
+            dcp.load(self.sharded_state(rank), checkpoint_id=path)  # the shards are views of self.shadow
 
 
 def _numel(shape) -> int:

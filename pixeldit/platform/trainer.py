@@ -112,7 +112,8 @@ class Trainer:
         if cfg.repa.mode != "off":
             projector = build_projector(arch.hidden_size, cfg.repa.encoder_dim)
         self.strategy = build_strategy(TrainModule(model, projector, cfg.repa.block), cfg, self.device)
-        self.ema = ShardedEMA(self.strategy.fragments(), cfg.ema.decay, cfg.ema.warmup)
+        self.ema = ShardedEMA(self.strategy.fragments(), cfg.ema.decay, cfg.ema.warmup,
+                              replicated=self.strategy.name == "ddp")
         self.flow = RectifiedFlow.from_config(cfg.diffusion, arch.num_classes)
         self.schedule = StagedSchedule.from_config(cfg.schedule)
         self.state = TrainState()
@@ -203,9 +204,10 @@ class Trainer:
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True  # acted on at the next step boundary, by every rank together
 
-    def fit(self) -> TrainState:
+    def fit(self, resume_from: str | None = None) -> TrainState:
+        """Train to train.steps, resuming from `resume_from` or else the run's latest checkpoint."""
         cfg = self.cfg
-        resumed = self.resume()
+        resumed = self.resume(resume_from)
         if self.rank == 0:
             self.monitor.log_run_info(resumed)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)

@@ -1,0 +1,113 @@
+"""Strategy parity, exact resume and EMA resharding, on two real gloo processes.
+
+All checks share one spawned process group: DeepSpeed's start-up is the
+expensive part, so each strategy is initialised once per phase.
+"""
+
+import os
+
+import pytest
+import torch
+
+from tests.dist import run_distributed
+
+STEPS = 6
+
+
+def _overrides(data, strategy, steps, precision="fp32"):
+    return [f"data.source={data}", "data.image_size=16", "model.patch_size=4", f"distributed.strategy={strategy}",
+            f"distributed.precision={precision}", "train.global_batch=8", "train.micro_batch=2",
+            f"train.steps={steps}", "logging.tensorboard=false", f"checkpoint.every_steps={steps // 2}",
+            "checkpoint.keep_last=5", "ema.warmup=true", "optim.lr=1e-3"]
+
+
+def _run(rank, world, data, root, plan):
+    import torch.distributed as dist
+
+    from pixeldit.platform.config import load_config
+    from pixeldit.platform.trainer import Trainer
+
+    results = {}
+    for name, strategy, precision, resume in plan:
+        cfg = load_config(None, _overrides(data, strategy, STEPS, precision))
+        trainer = Trainer(cfg, os.path.join(root, name))
+        resume_from = os.path.join(root, resume, "checkpoints", f"step_{STEPS // 2:08d}") if resume else None
+        state = trainer.fit(resume_from)
+        weights = trainer.strategy.full_state_dict()
+        frags = [(f.name, f.start, shadow.clone()) for f, shadow in zip(trainer.ema.fragments, trainer.ema.shadow)]
+        results[name] = {"losses": state.history, "weights": weights if rank == 0 else None, "ema": frags,
+                         "ema_bytes": trainer.ema.local_bytes()}
+        dist.barrier()
+    return results
+
+
+def _full_ema(per_rank, shapes):
+    full = {n: torch.full((torch.Size(s).numel(),), float("nan")) for n, s in shapes.items()}
+    for frags in per_rank:
+        for name, start, tensor in frags:
+            full[name][start:start + tensor.numel()] = tensor
+    return {n: t.view(shapes[n]) for n, t in full.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(synthetic_shards, tmp_path_factory):
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".torch_extensions"))
+    root = str(tmp_path_factory.mktemp("trainer"))
+    plan = [("ddp", "ddp", "fp32", None), ("ddp_resumed", "ddp", "fp32", "ddp"),
+            ("fsdp", "fsdp", "fp32", None), ("fsdp_resumed", "fsdp", "fp32", "fsdp"),
+            ("zero1", "zero1", "fp32", None),
+            ("zero2", "zero2", "fp32", None), ("zero2_resumed", "zero2", "fp32", "zero2"),
+            ("zero3", "zero3", "fp32", None), ("zero3_resumed", "zero3", "fp32", "zero3"),
+            ("ddp_bf16", "ddp", "bf16", None), ("fsdp_bf16", "fsdp", "bf16", None),
+            ("zero2_bf16", "zero2", "bf16", None)]
+    per_rank = run_distributed(_run, 2, synthetic_shards, root, plan, timeout=900)
+    return {"root": root, "rank0": per_rank[0], "ranks": per_rank}
+
+
+def test_every_strategy_gives_the_ddp_loss_curve_in_fp32(runs):
+    ref = runs["rank0"]["ddp"]["losses"]
+    assert len(ref) == STEPS and ref[-1] < ref[0] * 1.5
+    for name in ("fsdp", "zero1", "zero2", "zero3"):
+        losses = runs["rank0"][name]["losses"]
+        rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref))
+        assert rel < 1e-5, (name, rel, losses, ref)
+
+
+def test_bf16_strategies_agree_within_the_measured_tolerance(runs):
+    # measured on this CPU: ddp (autocast) vs fsdp / zero2 (bf16 weights) differ by up to ~1e-2 relative
+    ref = runs["rank0"]["ddp_bf16"]["losses"]
+    fp32 = runs["rank0"]["ddp"]["losses"]
+    for name in ("fsdp_bf16", "zero2_bf16"):
+        losses = runs["rank0"][name]["losses"]
+        rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref))
+        assert rel < 3e-2, (name, rel)
+    assert max(abs(a - b) / abs(b) for a, b in zip(ref, fp32)) < 3e-2
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
+def test_resume_is_bit_identical(runs, name):
+    straight, resumed = runs["rank0"][name], runs["rank0"][f"{name}_resumed"]
+    assert resumed["losses"] == straight["losses"][STEPS // 2:]
+    for key, value in straight["weights"].items():
+        assert torch.equal(value, resumed["weights"][key]), key
+    for r in range(2):
+        for (n1, s1, t1), (n2, s2, t2) in zip(runs["ranks"][r][name]["ema"], runs["ranks"][r][f"{name}_resumed"]["ema"]):
+            assert (n1, s1) == (n2, s2) and torch.equal(t1, t2), n1
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp", "ddp"])
+def test_ema_written_by_two_ranks_loads_in_one_process(runs, name):
+    from pixeldit.platform.ema import load_full_ema
+
+    shapes = {k: tuple(v.shape) for k, v in runs["rank0"]["ddp"]["weights"].items()}
+    path = os.path.join(runs["root"], name, "checkpoints", f"step_{STEPS:08d}", "ema")
+    loaded = load_full_ema(path, shapes)
+    expected = _full_ema([runs["ranks"][r][name]["ema"] for r in range(2)], shapes)
+    for key in shapes:
+        assert torch.equal(loaded[key], expected[key]), key
+    if name in ("fsdp", "zero3"):  # sharded: each rank keeps about half the EMA
+        total = sum(t.numel() for t in expected.values()) * 4
+        assert runs["rank0"][name]["ema_bytes"] < 0.6 * total
+    # EMA of a trained model differs from its weights but is close to them after warm-up
+    weights = runs["rank0"][name]["weights"]
+    assert any(not torch.equal(loaded[k], weights[k]) for k in shapes)
