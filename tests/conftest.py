@@ -28,3 +28,6 @@ def synthetic_shards(tmp_path_factory):
     items, classes = synthetic_items(10, 23, 16, seed=0)  # 230 samples: remainders are not round
     write_shards(items, classes, root, shard_samples=40, progress=False)
     return root
+
+
+from tests.s3_server import faulty_s3, s3_bucket, s3_endpoint  # noqa: E402,F401 - shared fixtures
