@@ -7,6 +7,7 @@ Each verb parses its own arguments and imports its heavy modules lazily, so
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -102,12 +103,27 @@ def cmd_train(args) -> int:
     import logging
 
     from pixeldit.platform.config import load_config
-    from pixeldit.platform.trainer import train
+    from pixeldit.platform.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(args.config, args.overrides)
-    state = train(cfg, args.run_dir)
-    print(f"trained {state.step} steps ({state.skipped} skipped); run directory: {args.run_dir or cfg.train.run_dir}")
+    trainer = Trainer(cfg, args.run_dir)
+    state = trainer.fit()
+    if trainer.rank == 0:
+        run = os.path.abspath(trainer.run_dir)
+        print(f"trained {state.step} steps ({state.skipped} skipped) in {run}")
+        print(f"  checkpoints   {os.path.join(run, 'checkpoints')} (pixeldit export {run} model.safetensors)")
+        print(f"  tensorboard   tensorboard --logdir {os.path.join(run, 'tensorboard')}")
+        if trainer.last_preview:
+            print(f"  EMA samples   {trainer.last_preview} (one row per class)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pixeldit.platform.export import export_checkpoint
+
+    meta = export_checkpoint(args.checkpoint, args.out)
+    print(f"{args.out}: step {meta['step']} ({meta['strategy']}) with ema., model. and projector. weights")
     return 0
 
 
@@ -127,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--run-dir", default=None, help="override train.run_dir")
     train.set_defaults(func=cmd_train)
+
+    export = verbs.add_parser("export", help="consolidate a checkpoint into one safetensors file")
+    export.add_argument("checkpoint", help="run directory, checkpoints folder or step_NNNNNNNN folder")
+    export.add_argument("out", help="output .safetensors")
+    export.set_defaults(func=cmd_export)
 
     config = verbs.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(config)

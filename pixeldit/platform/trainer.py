@@ -28,6 +28,7 @@ from ..models import build_model, build_projector, training_flops
 from .checkpoint import latest_checkpoint, load_rank_state, read_meta, save_checkpoint
 from .ema import ShardedEMA
 from .monitor import Monitor
+from .preview import write_preview
 from .schedule import StagedSchedule
 from .strategies import TrainModule, build_strategy
 
@@ -119,6 +120,7 @@ class Trainer:
         self.state = TrainState()
         self.checkpoint_root = os.path.join(self.run_dir, "checkpoints")
         self.stop_requested = False
+        self.last_preview = None
         self.monitor = Monitor(cfg, self.run_dir, self.rank, self.world, self.device,
                                training_flops(arch, cfg.data.image_size, cfg.data.image_size))
 
@@ -236,6 +238,9 @@ class Trainer:
                     break
                 if self.state.step % cfg.checkpoint.every_steps == 0 or self.state.step == cfg.train.steps:
                     self.save()
+                every = cfg.logging.sample_every_steps
+                if (every and self.state.step % every == 0) or self.state.step == cfg.train.steps:
+                    self.last_preview = write_preview(self)
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.monitor.close()
