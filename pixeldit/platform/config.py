@@ -214,6 +214,10 @@ class TrainConfig:
     steps: int = 20
     run_dir: str = "runs/demo"
     init_from: Optional[str] = None
+    # recompute block activations in backward: none | every block | selective (every other block)
+    activation_checkpointing: Literal["none", "every", "selective"] = "none"
+    # torch.compile each block (kept per block so FSDP2 still shards block by block)
+    compile: bool = False
 
     def check(self, path: str):
         _positive(self, path, "global_batch", "micro_batch", "steps")

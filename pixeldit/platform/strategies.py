@@ -288,7 +288,33 @@ class ZeroStrategy(Strategy):
         return {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in self.module.named_parameters()}
 
 
+def apply_activation_checkpointing(model: nn.Module, mode: str):
+    """Recompute block activations in backward, without renaming any parameter.
+
+    The block's forward is replaced in place (no wrapper module), so checkpoint
+    keys, EMA names and FSDP2's per-block sharding stay exactly as without AC.
+    """
+    if mode == "none":
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = [*model.patch_blocks, *model.pixel_blocks]
+    for i, block in enumerate(blocks):
+        if mode == "selective" and i % 2:
+            continue
+        inner = block.forward
+        block.forward = lambda *args, _inner=inner: checkpoint(_inner, *args, use_reentrant=False)
+
+
+def compile_blocks(model: nn.Module):
+    for block in [*model.patch_blocks, *model.pixel_blocks]:
+        block.compile()
+
+
 def build_strategy(module: TrainModule, cfg, device: torch.device) -> Strategy:
+    apply_activation_checkpointing(module.model, cfg.train.activation_checkpointing)
+    if cfg.train.compile:
+        compile_blocks(module.model)
     name = cfg.distributed.strategy
     if name == "ddp":
         return DDPStrategy(module, cfg, device)
