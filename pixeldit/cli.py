@@ -127,6 +127,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    import shlex
+    import subprocess
+
+    from pixeldit import launchers
+
+    train_args = args.train_args
+    launch = launchers.Launch(nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, node_rank=args.node_rank,
+                              master_addr=args.master_addr, master_port=args.master_port, train_args=train_args)
+    if args.launcher == "slurm":
+        print(launchers.slurm_script(launch, partition=args.partition, time_limit=args.time), end="")
+        return 0
+    if args.launcher == "torchrun":
+        cmd = launchers.torchrun(launch, rendezvous=args.rdzv)
+    else:
+        cmd = launchers.deepspeed(launch, hostfile=args.hostfile, no_ssh=args.no_ssh)
+    print(" ".join(shlex.quote(c) for c in cmd), flush=True)
+    return 0 if args.print_only else subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixeldit", description="PixelDiT training platform")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -143,6 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--run-dir", default=None, help="override train.run_dir")
     train.set_defaults(func=cmd_train)
+
+    launch = verbs.add_parser("launch", help="build (and run) a torchrun / deepspeed / SLURM launch of `train`")
+    launch.add_argument("launcher", choices=["torchrun", "deepspeed", "slurm"])
+    launch.add_argument("--nnodes", type=int, default=1)
+    launch.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per node")
+    launch.add_argument("--node-rank", type=int, default=0)
+    launch.add_argument("--master-addr", default="127.0.0.1")
+    launch.add_argument("--master-port", type=int, default=29500)
+    launch.add_argument("--rdzv", choices=["static", "c10d"], default="static", help="torchrun rendezvous")
+    launch.add_argument("--hostfile", default=None, help="deepspeed hostfile (pdsh launch from node 0)")
+    launch.add_argument("--no-ssh", action="store_true", help="deepspeed: run this node only (--node-rank)")
+    launch.add_argument("--partition", default=None, help="slurm partition")
+    launch.add_argument("--time", default="04:00:00", help="slurm time limit")
+    launch.add_argument("--print", dest="print_only", action="store_true", help="print the command, do not run it")
+    launch.set_defaults(func=cmd_launch)
 
     export = verbs.add_parser("export", help="consolidate a checkpoint into one safetensors file")
     export.add_argument("checkpoint", help="run directory, checkpoints folder or step_NNNNNNNN folder")
@@ -180,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `pixeldit launch ... -- <train arguments>`: everything after -- belongs to the launched train
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(argv)
+    args.train_args = train_args
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError) as e:
