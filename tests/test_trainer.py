@@ -163,3 +163,15 @@ def test_sigterm_saves_at_the_step_boundary_and_exits(synthetic_shards, tmp_path
     assert "stop requested (SIGTERM)" in out
     trainer = Trainer(config(synthetic_shards, 10_000), run)
     assert trainer.resume() and 0 < trainer.state.step < 1000
+
+
+def test_init_from_an_export_starts_from_its_ema_weights(synthetic_shards, tmp_path):
+    from pixeldit.platform.export import export_checkpoint, load_exported
+    Trainer(config(synthetic_shards, 2), str(tmp_path / "a")).fit()
+    export_checkpoint(str(tmp_path / "a"), str(tmp_path / "a.safetensors"))
+    tuned = Trainer(config(synthetic_shards, 2, f"train.init_from={tmp_path / 'a.safetensors'}"), str(tmp_path / "b"))
+    source = load_exported(str(tmp_path / "a.safetensors"))
+    for name, value in source.state_dict().items():
+        assert torch.equal(tuned.strategy.module.model.state_dict()[name], value), name
+    with pytest.raises(NotImplementedError, match="repa.mode='cached'"):
+        Trainer(config(synthetic_shards, 2, "repa.mode=cached"), str(tmp_path / "c"))

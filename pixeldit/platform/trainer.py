@@ -83,6 +83,21 @@ def ensure_synthetic_data(cfg, run_dir: str, rank: int) -> str:
     return root
 
 
+def load_initial_weights(model, path: str):
+    """Fine-tuning start: weights only, from our export (its EMA weights) or the authors' .ckpt."""
+    if path.endswith(".safetensors"):
+        from .export import load_exported
+        state = load_exported(path, "ema").state_dict()
+    else:
+        from ..models import load_authors_checkpoint
+        imported = load_authors_checkpoint(path)
+        state = imported["ema"] or imported["model"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"train.init_from={path}: does not match model {model.arch}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -108,10 +123,13 @@ class Trainer:
         self.loader = build_loader(cfg, self.rank, self.world, str(self.device))
         arch = cfg.model.arch()
         self.arch = arch
+        if cfg.repa.mode != "off":
+            raise NotImplementedError(f"repa.mode={cfg.repa.mode!r}: REPA training is not wired into the trainer "
+                                      f"yet; run with --set repa.mode=off")
         model = build_model(cfg.model.name, **cfg.model.overrides())
         projector = None
-        if cfg.repa.mode != "off":
-            projector = build_projector(arch.hidden_size, cfg.repa.encoder_dim)
+        if cfg.train.init_from:
+            load_initial_weights(model, cfg.train.init_from)
         self.strategy = build_strategy(TrainModule(model, projector, cfg.repa.block), cfg, self.device)
         self.ema = ShardedEMA(self.strategy.fragments(), cfg.ema.decay, cfg.ema.warmup,
                               replicated=self.strategy.name == "ddp")
