@@ -49,7 +49,7 @@ def test_bad_values_name_the_key_path(override, path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.global_batch=12", "train.global_batch=12 is not divisible by train.micro_batch=8"),
+    ("train.global_batch=12", "train.global_batch=12 is not divisible by train.micro_batch=16"),
     ("data.image_size=30", "data.image_size=30 is not divisible"),
     ("schedule.stages=[{start: 0}, {start: 0}]", r"schedule.stages\[1\].start=0 must be after 0"),
     ("diffusion.label_drop=1.5", "diffusion.label_drop=1.5"),
