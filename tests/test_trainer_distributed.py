@@ -111,3 +111,35 @@ def test_ema_written_by_two_ranks_loads_in_one_process(runs, name):
     # EMA of a trained model differs from its weights but is close to them after warm-up
     weights = runs["rank0"][name]["weights"]
     assert any(not torch.equal(loaded[k], weights[k]) for k in shapes)
+
+
+def _one_rank_stalls(rank, world, data, root):
+    import time
+
+    from pixeldit.platform.config import load_config
+    from pixeldit.platform.trainer import Trainer
+
+    cfg = load_config(None, _overrides(data, "ddp", 6) + ["distributed.timeout_s=5"])
+    trainer = Trainer(cfg, root)
+    if rank == 1:
+        real = trainer.train_step
+
+        def stall(batch):
+            if trainer.state.step == 2:
+                time.sleep(15)  # stops answering, then leaves
+                raise KeyboardInterrupt
+            return real(batch)
+        trainer.train_step = stall
+    try:
+        trainer.fit()
+    except RuntimeError as e:
+        return str(e)
+    except KeyboardInterrupt:
+        return "left"
+    return "finished"
+
+
+def test_a_rank_that_stops_answering_is_an_error_naming_rank_and_step(synthetic_shards, tmp_path):
+    results = run_distributed(_one_rank_stalls, 2, synthetic_shards, str(tmp_path), timeout=120)
+    assert results[0].startswith("rank 0 of 2: step 3 failed: a collective failed: a peer stopped"), results[0]
+    assert results[1] == "left"

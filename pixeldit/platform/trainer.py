@@ -241,7 +241,18 @@ class Trainer:
                     data = iter(self.loader)
                     batch = next(data)
                 t_data = time.perf_counter() - t0
-                metrics = self.train_step(batch)
+                try:
+                    metrics = self.train_step(batch)
+                except RuntimeError as e:
+                    if self.world == 1:
+                        raise
+                    # gloo / NCCL errors name neither this rank nor the step: add both
+                    text = str(e).lower()
+                    peer = any(k in text for k in ("gloo", "nccl", "timed out", "timeout", "connection", "peer"))
+                    hint = (f"a collective failed: a peer stopped answering or died (distributed.timeout_s="
+                            f"{cfg.distributed.timeout_s}): " if peer else "")
+                    raise RuntimeError(f"rank {self.rank} of {self.world}: step {self.state.step + 1} failed: "
+                                       f"{hint}{e}") from e
                 metrics["data_time"], metrics["step_time"] = t_data, time.perf_counter() - t0
                 self.state.history.append(metrics["loss"])
                 self.monitor.step(self.state, metrics, self.loader, self.ema, self.strategy)
