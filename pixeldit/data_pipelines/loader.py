@@ -1,21 +1,26 @@
 """`build_loader(cfg, rank, world_size)`: batches {image uint8, label, key} from shards, resumable.
 
-Two decoders share one sample source (source.py): `pil` decodes in DataLoader
-workers (one worker per lane), `dali` gets the encoded bytes from the same
-lanes and decodes with DALI (`mixed` on a GPU, `cpu` otherwise). Either way
+Two decoders share one sample source (source.py): `pil` decodes on a pool of
+threads in this process (Pillow releases the GIL while it decodes and resizes,
+so threads scale, and batches need no shared-memory hand-off between
+processes), `dali` gets the encoded bytes from the same lanes and decodes with
+DALI (`mixed` on a GPU, `cpu` otherwise). Either way
 the rank sees the same keys in the same order, and `state_dict()` after k
 batches lets a new loader continue with batch k + 1.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..diffusion.randomness import stream_seed
 from . import images
@@ -122,18 +127,64 @@ def lane_batches(spec: LoaderSpec, epoch: int, lane: int, start_batch: int, deco
         yield _collate(spec, epoch, group, stats) if decode else (group, stats)
 
 
-class _LaneDataset(IterableDataset):
-    """One lane per DataLoader worker; worker w serves lane (w + first_lane) mod lanes."""
+def _background(items: Iterator, depth: int) -> Iterator:
+    """Run an iterator on a thread (I/O releases the GIL), `depth` items ahead of the consumer."""
+    done = object()
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
 
-    def __init__(self, spec: LoaderSpec, epoch: int, batches_done: int):
-        self.spec, self.epoch, self.batches_done = spec, epoch, batches_done
+    def run():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put(done)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            out.put(e)
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        lanes = self.spec.split.lanes
-        lane = (worker + self.batches_done) % lanes
-        yield from lane_batches(self.spec, self.epoch, lane, lane_position(self.batches_done, lanes, lane))
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, threads: int, prefetch: int,
+                     pin: bool = False) -> Iterator[dict]:
+    """Lanes read on their own threads; batches decode on a thread pool, yielded in lane order."""
+    lanes = spec.split.lanes
+    raw = interleave([_background(lane_batches(spec, epoch, lane, lane_position(batches_done, lanes, lane),
+                                               decode=False), prefetch)
+                      for lane in range(lanes)], start=batches_done % lanes)
+
+    def decode(item):
+        group, stats = item
+        batch = _collate(spec, epoch, group, stats)
+        if pin:
+            batch["image"] = batch["image"].pin_memory()
+        return batch
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        pending: collections.deque = collections.deque()
+        for item in raw:
+            pending.append(pool.submit(decode, item))
+            if len(pending) > threads * prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 class ShardLoader:
@@ -157,9 +208,8 @@ class ShardLoader:
             from .dali import dali_batches
             batches = dali_batches(self.spec, self.epoch, self.batches_done, self.device, self.prefetch)
         elif self.num_workers > 0:
-            batches = iter(DataLoader(_LaneDataset(self.spec, self.epoch, self.batches_done), batch_size=None,
-                                      num_workers=self.num_workers, prefetch_factor=self.prefetch,
-                                      pin_memory=self.device.type == "cuda", persistent_workers=False))
+            batches = threaded_batches(self.spec, self.epoch, self.batches_done, self.num_workers, self.prefetch,
+                                       pin=self.device.type == "cuda")
         else:
             lanes = self.spec.split.lanes
             first = self.batches_done % lanes

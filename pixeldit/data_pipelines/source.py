@@ -10,9 +10,9 @@ batch size) and the manifest's sample counts:
 2. Shards are permuted by (seed, epoch); the kept samples in that shard order
    form the epoch sequence; rank r takes the r-th contiguous block, so ranks
    read disjoint byte ranges and yield the same number of batches.
-3. A rank's batches are split into `lanes` contiguous runs (one per DataLoader
-   worker); lane l's k-th batch is the rank's batch k·lanes + l, the order in
-   which a DataLoader visits its workers. Contiguous runs keep reads sequential
+3. A rank's batches are split into `lanes` contiguous runs, each read on its
+   own thread; lane l's k-th batch is the rank's batch k·lanes + l (round
+   robin). Contiguous runs keep reads sequential
    inside shards; a lane is never handed a shard it cannot fill.
 4. Inside a lane, windows of `shuffle_window` samples are permuted by
    (seed, epoch, rank, lane, window). Resuming re-reads (without decoding) at
@@ -80,7 +80,7 @@ def lane_position(batches_done: int, lanes: int, lane: int) -> int:
 
 
 def interleave(lane_iters: list[Iterator], start: int = 0) -> Iterator:
-    """The DataLoader's worker order: one item from each live lane in turn, starting at lane `start`."""
+    """Round robin: one item from each live lane in turn, starting at lane `start`."""
     live = list(range(len(lane_iters)))
     live = live[start:] + live[:start]
     while live:

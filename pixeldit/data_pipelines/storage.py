@@ -3,7 +3,8 @@
 Endpoint and credentials come from the config's `data.storage` options or the
 usual environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), which
 s3fs and gcsfs read themselves. Filesystems are opened lazily per process:
-s3fs instances are not fork-safe, so a DataLoader worker opens its own.
+s3fs instances are not fork-safe, so a forked process (a writer's pool
+worker) opens its own.
 """
 
 from __future__ import annotations

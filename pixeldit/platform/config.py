@@ -61,7 +61,7 @@ class DataConfig:
     source: str = "synthetic"
     image_size: int = 32
     decoder: Literal["pil", "dali"] = "pil"
-    # DataLoader workers for pil; read lanes for dali. Part of the order: resume with the same value
+    # read lanes, and decode threads for pil. Part of the order: resume with the same value
     num_workers: int = 0
     # random horizontal flips (the authors trained without)
     hflip: bool = False
