@@ -15,16 +15,17 @@ FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode and convert to RGB (CMYK, grayscale, palette, alpha all become RGB)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        if img.mode == "RGB":
-            return img.copy()
-        if img.mode in ("P", "LA", "RGBA", "PA") or "transparency" in img.info:
-            # composite onto white: dropping alpha would expose whatever colour hides under it
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return img.convert("RGB")
+    # no `with`: the image reads from memory, and closing it would force a copy of the pixels
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("P", "LA", "RGBA", "PA") or "transparency" in img.info:
+        # composite onto white: dropping alpha would expose whatever colour hides under it
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -68,4 +69,5 @@ def encode(img: Image.Image, fmt: str, quality: int = 95) -> bytes:
 
 
 def to_chw_uint8(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    # np.array, not asarray: PIL hands over immutable bytes, and torch wants writable memory
+    return np.array(img, dtype=np.uint8).transpose(2, 0, 1)

@@ -19,8 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..diffusion.randomness import stream_seed
 from . import images
@@ -73,11 +73,22 @@ def label_of(files: dict[str, bytes], where: str) -> int:
         raise ValueError(f"{where}: sample has no integer .cls label") from None
 
 
-def pil_decode(spec: LoaderSpec, epoch: int, data: bytes) -> np.ndarray:
+def cpu_decode(spec: LoaderSpec, data: bytes) -> torch.Tensor:
+    """(3, S, S) uint8. Pre-cropped RGB JPEGs go through torchvision's libjpeg-turbo decoder
+    (the same pixels as Pillow's, about 20% less CPU, straight to CHW); anything else, and
+    every image that needs the ADM crop, through Pillow."""
+    size = spec.image_size
+    if not spec.needs_resize() and data[:3] == b"\xff\xd8\xff":
+        try:
+            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            if image.shape == (3, size, size):
+                return image
+        except RuntimeError:
+            pass  # unusual JPEG (CMYK, lossless...): Pillow below knows it or says why not
     img = images.decode_rgb(data)
-    if spec.needs_resize() or img.size != (spec.image_size, spec.image_size):
-        img = images.adm_center_crop(img, spec.image_size)
-    return images.to_chw_uint8(img)
+    if spec.needs_resize() or img.size != (size, size):
+        img = images.adm_center_crop(img, size)
+    return torch.from_numpy(images.to_chw_uint8(img))
 
 
 def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats) -> dict:
@@ -90,19 +101,19 @@ def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats) -> d
         try:
             if data is None:
                 raise ValueError(f"no image among {sorted(raw.files)}")
-            array = pil_decode(spec, epoch, data)
+            array = cpu_decode(spec, data)
         except Exception as e:  # noqa: BLE001 - a corrupt image must not stop the run
             stats.corrupt += 1
             log.warning("skipping sample %r: %s: %s", raw.key, type(e).__name__, e)
             continue
         if spec.hflip and flip_coin(spec.seed, epoch, raw.canonical):
-            array = array[:, :, ::-1]
+            array = array.flip(-1)
         arrays.append(array)
         labels.append(label_of(raw.files, raw.key))
         keys.append(raw.key)
         indices.append(raw.canonical)
     size = spec.image_size
-    image = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    image = torch.stack(arrays) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
     return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
             "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
 
