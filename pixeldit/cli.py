@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
         print(f"  checkpoints   {os.path.join(run, 'checkpoints')} (pixeldit export {run} model.safetensors)")
         print(f"  tensorboard   tensorboard --logdir {os.path.join(run, 'tensorboard')}")
         if trainer.last_preview:
-            print(f"  EMA samples   {trainer.last_preview} (one row per class)")
+            print(f"  EMA samples   {os.path.abspath(trainer.last_preview)} (one row per class)")
     return 0
 
 
