@@ -143,3 +143,31 @@ def test_a_rank_that_stops_answering_is_an_error_naming_rank_and_step(synthetic_
     results = run_distributed(_one_rank_stalls, 2, synthetic_shards, str(tmp_path), timeout=120)
     assert results[0].startswith("rank 0 of 2: step 3 failed: a collective failed: a peer stopped"), results[0]
     assert results[1] == "left"
+
+
+def _resume_on_one(rank, world, data, root, source):
+    from pixeldit.platform.config import load_config
+    from pixeldit.platform.trainer import Trainer
+
+    cfg = load_config(None, _overrides(data, "fsdp", STEPS))
+    trainer = Trainer(cfg, root)
+    trainer.resume(os.path.join(source, "checkpoints", f"step_{STEPS:08d}"))
+    weights = trainer.strategy.full_state_dict()
+    ema = {f.name: s.clone() for f, s in zip(trainer.ema.fragments, trainer.ema.shadow)}
+    optimizer_steps = {int(v["step"]) for v in trainer.strategy.optimizer.state.values()}
+    return {"weights": weights, "ema": ema, "epoch": trainer.loader.epoch, "batches": trainer.loader.batches_done,
+            "optimizer_steps": optimizer_steps}
+
+
+def test_fsdp_checkpoint_of_two_ranks_resumes_on_one(runs, synthetic_shards, tmp_path):
+    out = run_distributed(_resume_on_one, 1, synthetic_shards, str(tmp_path), os.path.join(runs["root"], "fsdp"),
+                          timeout=300)[0]
+    for key, value in runs["rank0"]["fsdp"]["weights"].items():
+        assert torch.equal(out["weights"][key], value), key
+    shapes = {k: tuple(v.shape) for k, v in runs["rank0"]["ddp"]["weights"].items()}
+    expected = _full_ema([runs["ranks"][r]["fsdp"]["ema"] for r in range(2)], shapes)
+    for key, value in out["ema"].items():
+        assert torch.equal(value.view(shapes[key]), expected[key]), key
+    assert out["optimizer_steps"] == {STEPS}  # AdamW moments and step counts came along
+    # 6 steps x 8 samples of 230: the same global position, in the one-rank layout
+    assert (out["epoch"], out["batches"]) == (0, STEPS)
