@@ -37,7 +37,7 @@ def test_tensorboard_events_hold_the_run(synthetic_shards, tmp_path):
         assert tag in tags, tag
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
-    assert losses == pytest.approx(state.history, rel=1e-6)
+    assert losses == pytest.approx(list(state.history), rel=1e-6)
     assert acc.Tags()["images"] == ["samples/ema"] and len(acc.Images("samples/ema")) == 2
     text = acc.Tags()["tensors"]
     assert "run/config/text_summary" in text and "run/provenance/text_summary" in text
@@ -67,10 +67,10 @@ def test_warmup_ramps_the_first_stage():
 
 
 def test_accumulation_and_activation_checkpointing_do_not_change_the_loss(synthetic_shards, tmp_path):
-    reference = Trainer(config(synthetic_shards, 3), str(tmp_path / "ref")).fit().history
+    reference = list(Trainer(config(synthetic_shards, 3), str(tmp_path / "ref")).fit().history)
     for i, extra in enumerate((["train.micro_batch=2"], ["train.activation_checkpointing=every"],
                                ["train.micro_batch=4", "train.activation_checkpointing=selective"])):
-        history = Trainer(config(synthetic_shards, 3, *extra), str(tmp_path / str(i))).fit().history
+        history = list(Trainer(config(synthetic_shards, 3, *extra), str(tmp_path / str(i))).fit().history)
         assert history == pytest.approx(reference, rel=1e-5), extra
 
 

@@ -35,7 +35,7 @@ def _run(rank, world, data, root, plan):
         state = trainer.fit(resume_from)
         weights = trainer.strategy.full_state_dict()
         frags = [(f.name, f.start, shadow.clone()) for f, shadow in zip(trainer.ema.fragments, trainer.ema.shadow)]
-        results[name] = {"losses": state.history, "weights": weights if rank == 0 else None, "ema": frags,
+        results[name] = {"losses": list(state.history), "weights": weights if rank == 0 else None, "ema": frags,
                          "ema_bytes": trainer.ema.local_bytes()}
         dist.barrier()
     return results

@@ -100,8 +100,6 @@ class Strategy:
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def named_parameters(self):
-        return self.module.named_parameters()
 
 
 class DDPStrategy(Strategy):
@@ -252,9 +250,6 @@ class ZeroStrategy(Strategy):
         skipped = self.engine.skipped_steps != self._skipped
         self._skipped = self.engine.skipped_steps
         return norm, not skipped and not skip
-
-    def named_parameters(self):
-        return self.module.named_parameters()
 
     def fragments(self) -> list[Fragment]:
         out = []

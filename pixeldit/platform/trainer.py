@@ -9,6 +9,7 @@ ranks skip, save and stop together.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import logging
@@ -41,7 +42,8 @@ class TrainState:
     updates: int = 0       # optimizer steps taken (skipped steps excluded): the schedule's clock
     skipped: int = 0
     consecutive_skips: int = 0
-    history: list = field(default_factory=list)
+    # losses of the steps this process ran (bounded: a 1.6M-step run must not grow a list forever)
+    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100_000))
 
 
 def setup_distributed(cfg) -> tuple[int, int, torch.device]:
