@@ -87,6 +87,9 @@ def main() -> None:
           f"torch {info['torch']} ({info['cpu_capability']}) | cpu flags: {' '.join(info['cpu_flags'])} | "
           f"load {info['loadavg_1m']}")
 
+    if "bf16" in dtypes and device.type == "cpu" and not {"avx512_bf16", "amx_bf16"} & set(info["cpu_flags"]):
+        print("note: this CPU has neither avx512_bf16 nor AMX; bf16 matmuls run on fallback kernels, "
+              "expect bf16 to be much slower than fp32")
     results = []
     for dtype in dtypes:
         model, step = make_step(args, device, dtype)

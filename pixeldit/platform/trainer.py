@@ -54,6 +54,10 @@ def setup_distributed(cfg) -> tuple[int, int, torch.device]:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU runs: one intra-op thread per process unless told otherwise. Small models gain little
+        # from more, and OpenMP's spin-waiting turns any competing process into a 10-20x slowdown
+        torch.set_num_threads(1)
     if world > 1 and not dist.is_initialized():
         backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if cuda else "gloo")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
