@@ -120,6 +120,10 @@ class Trainer:
         self.run_dir = run_dir or cfg.train.run_dir
         self.rank, self.world, self.device = setup_distributed(cfg)
         check_world(cfg, self.world)
+        if self.device.type == "cpu" and cfg.distributed.precision == "bf16" and \
+                torch.backends.cpu.get_cpu_capability() not in ("AVX512_BF16", "AMX"):
+            log.warning("bf16 on a CPU without avx512_bf16/AMX runs emulated matmuls, ~40x slower than fp32 "
+                        "(docs/benchmarks.md); use distributed.precision=fp32 here")
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and strategy
         os.makedirs(self.run_dir, exist_ok=True)
         if cfg.data.source == "synthetic":
