@@ -120,8 +120,8 @@ class Trainer:
         self.run_dir = run_dir or cfg.train.run_dir
         self.rank, self.world, self.device = setup_distributed(cfg)
         check_world(cfg, self.world)
-        if self.device.type == "cpu" and cfg.distributed.precision == "bf16" and \
-                torch.backends.cpu.get_cpu_capability() not in ("AVX512_BF16", "AMX"):
+        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        if self.device.type == "cpu" and cfg.distributed.precision == "bf16" and not native_bf16:
             log.warning("bf16 on a CPU without avx512_bf16/AMX runs emulated matmuls, ~40x slower than fp32 "
                         "(docs/benchmarks.md); use distributed.precision=fp32 here")
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and strategy
