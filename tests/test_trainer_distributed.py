@@ -74,14 +74,15 @@ def test_every_strategy_gives_the_ddp_loss_curve_in_fp32(runs):
 
 
 def test_bf16_strategies_agree_within_the_measured_tolerance(runs):
-    # measured on this CPU: ddp (autocast) vs fsdp / zero2 (bf16 weights) differ by up to ~1e-2 relative
+    # measured on this CPU over 6 steps: fsdp / zero2 / zero3 (bf16 compute weights) vs ddp (autocast)
+    # differ by 3.5e-5 to 4.4e-5 relative; the bound leaves ~10x margin
     ref = runs["rank0"]["ddp_bf16"]["losses"]
     fp32 = runs["rank0"]["ddp"]["losses"]
     for name in ("fsdp_bf16", "zero2_bf16"):
         losses = runs["rank0"][name]["losses"]
         rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref))
-        assert rel < 3e-2, (name, rel)
-    assert max(abs(a - b) / abs(b) for a, b in zip(ref, fp32)) < 3e-2
+        assert rel < 5e-4, (name, rel)
+    assert max(abs(a - b) / abs(b) for a, b in zip(ref, fp32)) < 5e-4
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
