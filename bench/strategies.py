@@ -15,18 +15,13 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import socket
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.dist import free_port  # noqa: E402
 
 
 def _worker(rank, world, port, args, strategy, data, out):
@@ -58,7 +53,7 @@ def _worker(rank, world, port, args, strategy, data, out):
 def run(strategy, world, args, data):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, strategy, data, out)) for r in range(world)]
     for p in procs:
         p.start()
