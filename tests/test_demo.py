@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pixeldit.data_pipelines.synthetic import COLOURS, class_style

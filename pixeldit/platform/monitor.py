@@ -9,7 +9,6 @@ import platform
 import re
 import subprocess
 import sys
-import time
 from importlib import metadata
 
 import torch

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import collections
 import datetime
-import json
 import logging
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..diffusion import RectifiedFlow, velocity_loss
-from ..models import build_model, build_projector, training_flops
+from ..models import build_model, training_flops
 from .checkpoint import latest_checkpoint, load_rank_state, read_meta, save_checkpoint
 from .ema import ShardedEMA
 from .monitor import Monitor
