@@ -147,6 +147,21 @@ def cmd_launch(args) -> int:
     return 0 if args.print_only else subprocess.call(cmd)
 
 
+def cmd_sample(args) -> int:
+    from pixeldit.evaluation.sampling import run_sample_command
+    return run_sample_command(args)
+
+
+def cmd_evaluate(args) -> int:
+    from pixeldit.evaluation.evaluate import run_evaluate_command
+    return run_evaluate_command(args)
+
+
+def cmd_repa_cache(args) -> int:
+    from pixeldit.data_pipelines.repa_cache import run_repa_cache_command
+    return run_repa_cache_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixeldit", description="PixelDiT training platform")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -183,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="run directory, checkpoints folder or step_NNNNNNNN folder")
     export.add_argument("out", help="output .safetensors")
     export.set_defaults(func=cmd_export)
+
+    from pixeldit.data_pipelines.repa_arguments import add_repa_cache_arguments
+    from pixeldit.evaluation.evaluate_arguments import add_evaluate_arguments
+    from pixeldit.evaluation.sample_arguments import add_sample_arguments
+    sample = verbs.add_parser("sample", help="sample images to an ADM .npz (one process or many under torchrun)")
+    add_sample_arguments(sample)
+    sample.set_defaults(func=cmd_sample)
+
+    evaluate = verbs.add_parser("evaluate", help="FID / sFID / IS / precision-recall of samples against a reference")
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    repa = verbs.add_parser("repa-cache", help="DINOv2 feature shards mirroring image shards (REPA targets)")
+    add_repa_cache_arguments(repa)
+    repa.set_defaults(func=cmd_repa_cache)
 
     config = verbs.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(config)
