@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError) as e:
         # bad input is the user's to fix: one clear line, no traceback
-        message = e.args[0] if e.args else str(e)
+        message = e.args[0] if len(e.args) == 1 else str(e)  # OSError args are (errno, text)
         print(f"pixeldit {args.verb}: error: {message}", file=sys.stderr)
         return 2
 

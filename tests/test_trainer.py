@@ -173,5 +173,5 @@ def test_init_from_an_export_starts_from_its_ema_weights(synthetic_shards, tmp_p
     source = load_exported(str(tmp_path / "a.safetensors"))
     for name, value in source.state_dict().items():
         assert torch.equal(tuned.strategy.module.model.state_dict()[name], value), name
-    with pytest.raises(NotImplementedError, match="repa.mode='cached'"):
-        Trainer(config(synthetic_shards, 2, "repa.mode=cached", "repa.block=2"), str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="repa.features is required"):
+        config(synthetic_shards, 2, "repa.mode=cached", "repa.block=2")

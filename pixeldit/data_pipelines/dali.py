@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import images
-from .loader import LoaderSpec, flip_coin, image_bytes, label_of, lane_batches
+from .loader import LoaderSpec, flip_coin, image_bytes, label_of, lane_batches, sample_target, stack_targets
 from .source import EpochPlan, interleave, lane_position
 
 _END = object()
@@ -84,7 +84,7 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
             raise item
         group, stats = item
         present = [raw for raw in group if raw is not None]
-        encoded, flips, sizes, anchors, labels, keys, indices = [], [], [], [], [], [], []
+        encoded, flips, sizes, anchors, labels, keys, indices, targets = [], [], [], [], [], [], [], []
         for raw in present:
             data = image_bytes(raw.files)
             if data is None:
@@ -102,11 +102,14 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
                 (w, h), (left, top) = (spec.image_size, spec.image_size), (0, 0)
             sizes.append(np.array([h, w], dtype=np.float32))
             anchors.append(np.array([top, left], dtype=np.float32))
-            flips.append(np.int32(spec.hflip and flip_coin(spec.seed, epoch, raw.canonical)))
+            flipped = spec.hflip and flip_coin(spec.seed, epoch, raw.canonical)
+            flips.append(np.int32(flipped))
+            if spec.features is not None:
+                targets.append(sample_target(spec, raw, flipped))
             labels.append(label_of(raw.files, raw.key))
             keys.append(raw.key)
             indices.append(raw.canonical)
-        pending.append((labels, keys, indices, stats, sorted({_shard_of(plan, i) for i in indices})))
+        pending.append((labels, keys, indices, stats, sorted({_shard_of(plan, i) for i in indices}), targets))
         return encoded, flips, sizes, anchors
 
     pipe = _build_pipeline(spec, source, device, prefetch, threads)
@@ -125,10 +128,12 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
                 raise RuntimeError(f"DALI failed to decode a batch from {', '.join(shards) or 'unknown shards'}; "
                                    f"DALI cannot skip bad samples: run `pixeldit shards verify --decode` on them "
                                    f"or use data.decoder=pil, which skips and counts them. ({e})") from e
-            labels, keys, indices, stats, _ = pending.popleft()
-            image = out[0]["image"]
-            yield {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
-                   "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
+            labels, keys, indices, stats, _, targets = pending.popleft()
+            batch = {"image": out[0]["image"], "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+                     "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
+            if spec.features is not None:
+                batch["repa"] = stack_targets(spec, targets)
+            yield batch
     finally:
         stop.set()
         while reader.is_alive():  # unblock a reader waiting on a full queue, then let it finish

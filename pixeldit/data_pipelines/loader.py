@@ -24,6 +24,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..diffusion.randomness import stream_seed
 from . import images
+from .features import FeatureManifest, LockstepReader, check_mirrors, load_feature_manifest, repa_files
+from .features import decode as decode_features
 from .manifest import Manifest, load_manifest
 from .source import EpochPlan, ReadStats, ShardReader, Split, interleave, iter_lane, lane_position
 
@@ -35,6 +37,16 @@ def to_model_input(batch: dict, device, dtype=torch.float32) -> tuple[torch.Tens
     """Move a batch to `device` and scale its uint8 images to [−1, 1] there (4× fewer bytes moved)."""
     image = batch["image"].to(device, non_blocking=True).to(dtype)
     return image / 127.5 - 1.0, batch["label"].to(device, non_blocking=True)
+
+
+def repa_target(batch: dict, device) -> torch.Tensor:
+    """The batch's cached REPA targets (B, T, C) as fp32 on `device` (shipped in 16 bits)."""
+    return batch["repa"].to(device, non_blocking=True).float()
+
+
+def sample_target(spec: LoaderSpec, raw, flipped: bool) -> torch.Tensor:
+    where = f"{spec.features_root} (sample {raw.key!r})"
+    return decode_features(repa_files(raw.files), spec.features, flipped, where)
 
 
 def flip_coin(seed: int, epoch: int, canonical: int) -> bool:
@@ -56,6 +68,8 @@ class LoaderSpec:
     options: dict | None
     retries: int
     skip_failed: bool
+    features: FeatureManifest | None = None   # REPA feature shards read in lockstep, when cached
+    features_root: str | None = None
 
     def needs_resize(self) -> bool:
         policy = self.manifest.image
@@ -74,11 +88,14 @@ def label_of(files: dict[str, bytes], where: str) -> int:
 
 
 def cpu_decode(spec: LoaderSpec, data: bytes) -> torch.Tensor:
+    return decode_image(data, spec.image_size, spec.needs_resize())
+
+
+def decode_image(data: bytes, size: int, crop: bool) -> torch.Tensor:
     """(3, S, S) uint8. Pre-cropped RGB JPEGs go through torchvision's libjpeg-turbo decoder
     (the same pixels as Pillow's, about 20% less CPU, straight to CHW); anything else, and
     every image that needs the ADM crop, through Pillow."""
-    size = spec.image_size
-    if not spec.needs_resize() and data[:3] == b"\xff\xd8\xff":
+    if not crop and data[:3] == b"\xff\xd8\xff":
         try:
             image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             if image.shape == (3, size, size):
@@ -86,14 +103,14 @@ def cpu_decode(spec: LoaderSpec, data: bytes) -> torch.Tensor:
         except RuntimeError:
             pass  # unusual JPEG (CMYK, lossless...): Pillow below knows it or says why not
     img = images.decode_rgb(data)
-    if spec.needs_resize() or img.size != (size, size):
+    if crop or img.size != (size, size):
         img = images.adm_center_crop(img, size)
     return torch.from_numpy(images.to_chw_uint8(img))
 
 
 def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats) -> dict:
     """Decode and stack one batch; a sample that will not decode is skipped and counted."""
-    arrays, labels, keys, indices = [], [], [], []
+    arrays, labels, keys, indices, targets = [], [], [], [], []
     for raw in samples:
         if raw is None:
             continue
@@ -106,16 +123,28 @@ def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats) -> d
             stats.corrupt += 1
             log.warning("skipping sample %r: %s: %s", raw.key, type(e).__name__, e)
             continue
-        if spec.hflip and flip_coin(spec.seed, epoch, raw.canonical):
+        flipped = spec.hflip and flip_coin(spec.seed, epoch, raw.canonical)
+        if flipped:
             array = array.flip(-1)
+        if spec.features is not None:
+            targets.append(sample_target(spec, raw, flipped))
         arrays.append(array)
         labels.append(label_of(raw.files, raw.key))
         keys.append(raw.key)
         indices.append(raw.canonical)
     size = spec.image_size
     image = torch.stack(arrays) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
-    return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
-            "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
+    batch = {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+             "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
+    if spec.features is not None:
+        batch["repa"] = stack_targets(spec, targets)
+    return batch
+
+
+def stack_targets(spec: LoaderSpec, targets: list[torch.Tensor]) -> torch.Tensor:
+    f = spec.features
+    dtype = torch.bfloat16 if f.dtype == "bf16" else torch.float16
+    return torch.stack(targets) if targets else torch.empty(0, f.tokens, f.dim, dtype=dtype)
 
 
 def _batched(items: Iterator, size: int) -> Iterator[list]:
@@ -132,6 +161,9 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
 def lane_batches(spec: LoaderSpec, epoch: int, lane: int, start_batch: int, decode: bool = True) -> Iterator[dict]:
     plan = EpochPlan(spec.manifest, spec.seed, epoch, spec.split)
     reader = ShardReader(spec.manifest, spec.root, spec.options, spec.retries, spec.skip_failed)
+    if spec.features is not None:
+        reader = LockstepReader(reader, ShardReader(spec.features, spec.features_root, spec.options, spec.retries,
+                                                    spec.skip_failed))
     samples = iter_lane(plan, reader, lane, spec.window, start_batch * spec.batch)
     for group in _batched(samples, spec.batch):
         stats, reader.stats = reader.stats, ReadStats()
@@ -278,8 +310,28 @@ def build_loader(cfg, rank: int, world_size: int, device: str = "cpu") -> ShardL
         raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by the world size {world_size}")
     per_rank = cfg.train.global_batch // world_size
     lanes = max(1, data.num_workers)
+    features = None
+    if cfg.repa.mode == "cached":
+        features = load_feature_manifest(cfg.repa.features, options)
+        check_feature_set(features, manifest, cfg)
     spec = LoaderSpec(manifest=manifest, root=data.source, image_size=data.image_size, batch=per_rank,
                       seed=cfg.train.seed, split=Split(world_size, rank, lanes, per_rank),
                       window=data.shuffle_window, hflip=data.hflip, options=options, retries=data.retries,
-                      skip_failed=data.skip_failed_shards)
+                      skip_failed=data.skip_failed_shards, features=features,
+                      features_root=cfg.repa.features)
     return ShardLoader(spec, data.decoder, data.num_workers, device)
+
+
+def check_feature_set(features: FeatureManifest, images: Manifest, cfg):
+    """Refuse a feature cache that does not belong to this data, resolution, encoder or flip setting."""
+    where = f"repa.features={cfg.repa.features}"
+    check_mirrors(features, images, where)
+    tokens = (cfg.data.image_size // cfg.model.arch().patch_size) ** 2
+    if features.image_size != cfg.data.image_size or features.tokens != tokens:
+        raise ValueError(f"{where}: cached for {features.image_size}px images ({features.tokens} tokens); "
+                         f"data.image_size={cfg.data.image_size} needs {tokens} tokens")
+    if features.dim != cfg.repa.encoder_dim:
+        raise ValueError(f"{where}: {features.dim}-wide features ({features.encoder}), "
+                         f"repa.encoder_dim={cfg.repa.encoder_dim}")
+    if cfg.data.hflip and features.flip == "none":
+        raise ValueError(f"{where}: cached with flip=none but data.hflip=true; recache with --flip both or grid")

@@ -193,7 +193,7 @@ def write_shards(items: list[SourceItem], classes: list[str], dst: str, *, polic
     results = pool.imap(_prepare_star, jobs, chunksize=8) if pool else map(_prepare_star, jobs)
     bar = tqdm(total=len(items), initial=consumed, unit="img", desc="writing shards", disable=not progress,
                smoothing=0.05)
-    current: _OpenShard | None = None
+    current: OpenShard | None = None
     try:
         for item, files, reason in results:
             consumed += 1
@@ -203,7 +203,7 @@ def write_shards(items: list[SourceItem], classes: list[str], dst: str, *, polic
                 log.warning("skipping %s: %s", item.ref, reason)
             else:
                 if current is None:
-                    current = _OpenShard(dst, f"{prefix}-{len(shards):06d}", options)
+                    current = OpenShard(dst, f"{prefix}-{len(shards):06d}", options)
                 current.writer.add(item.key, files)
             full = current is not None and (
                 (shard_samples and len(current.writer.entries) >= shard_samples)
@@ -228,7 +228,7 @@ def write_shards(items: list[SourceItem], classes: list[str], dst: str, *, polic
     return manifest
 
 
-class _OpenShard:
+class OpenShard:
     """A shard being written: local shards go through a temporary name, remote ones through a
     multipart upload that only becomes visible when it completes."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .randomness import per_sample_normal, per_sample_uniform, sample_generators
 
@@ -71,6 +72,13 @@ class RectifiedFlow:
         t = draws.t.to(x.device)
         y = torch.where(draws.drop.to(y.device), torch.full_like(y, self.num_classes), y)
         return self.interpolate(x, noise, t), t, y, self.velocity(x, noise)
+
+
+def repa_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """REPA alignment per sample: the mean over tokens of 1 − cos(projected, target), shape (B,)."""
+    if projected.shape != target.shape:
+        raise ValueError(f"REPA: projected tokens {tuple(projected.shape)} vs targets {tuple(target.shape)}")
+    return (1 - F.cosine_similarity(projected.float(), target.float(), dim=-1)).mean(1)
 
 
 def velocity_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -96,11 +96,22 @@ class DiffusionConfig:
 
 @dataclass
 class RepaConfig:
+    # online: DINOv2 runs on each batch; cached: targets stream from `pixeldit repa-cache` shards
     mode: Literal["online", "cached", "off"] = "off"
     weight: float = 0.5
     block: int = 8
+    # online: DINOv2 weights, a file (Meta's or timm's layout) or a hub name such as dinov2_vitb14
     encoder: str = "dinov2_vitb14"
     encoder_dim: int = 768
+    # cached: the feature shards' folder URL (they mirror data.source one to one)
+    features: str | None = None
+
+    def check(self, path: str):
+        if self.weight < 0:
+            raise ConfigError(f"{path}.weight={self.weight} must be >= 0")
+        if self.mode == "cached" and not self.features:
+            raise ConfigError(f"{path}.features is required with {path}.mode=cached "
+                              f"(write it with `pixeldit repa-cache`)")
 
 
 @dataclass
@@ -299,6 +310,8 @@ def _convert(value, tp, path: str):
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of "
                           f"{[_type_name(o) for o in options]}")
     if origin is Literal:
+        if value is False and "off" in args:
+            value = "off"  # YAML 1.1 reads a bare `off` as false
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
         return value

@@ -98,6 +98,8 @@ class Monitor:
             "data/retries": loader.stats.retries, "data/epoch": loader.epoch,
             "memory/ema_bytes_per_rank": ema.local_bytes(),
         }
+        if metrics.get("loss_repa") is not None:
+            scalars["train/loss_repa"] = metrics["loss_repa"]
         if self.peak:
             scalars["perf/mfu"] = images_per_s * self.flops_per_image / (self.peak * 1e12 * self.world)
         if self.device.type == "cuda":

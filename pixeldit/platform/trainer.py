@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..diffusion import RectifiedFlow, velocity_loss
-from ..models import build_model, training_flops
+from ..diffusion import RectifiedFlow, repa_loss, velocity_loss
+from ..models import build_model, build_projector, training_flops
 from .checkpoint import latest_checkpoint, load_rank_state, read_meta, save_checkpoint
 from .ema import ShardedEMA
 from .monitor import Monitor
@@ -131,11 +131,9 @@ class Trainer:
         self.loader = build_loader(cfg, self.rank, self.world, str(self.device))
         arch = cfg.model.arch()
         self.arch = arch
-        if cfg.repa.mode != "off":
-            raise NotImplementedError(f"repa.mode={cfg.repa.mode!r}: REPA training is not wired into the trainer "
-                                      f"yet; run with --set repa.mode=off")
         model = build_model(cfg.model.name, **cfg.model.overrides())
-        projector = None
+        projector = build_projector(arch.hidden_size, cfg.repa.encoder_dim) if cfg.repa.mode != "off" else None
+        self.encoder = self._online_encoder() if cfg.repa.mode == "online" else None
         if cfg.train.init_from:
             load_initial_weights(model, cfg.train.init_from)
         self.strategy = build_strategy(TrainModule(model, projector, cfg.repa.block), cfg, self.device)
@@ -149,6 +147,28 @@ class Trainer:
         self.last_preview = None
         self.monitor = Monitor(cfg, self.run_dir, self.rank, self.world, self.device,
                                training_flops(arch, cfg.data.image_size, cfg.data.image_size))
+
+    def _online_encoder(self):
+        """Frozen DINOv2 beside the engine (never wrapped, never in a checkpoint); bf16 on GPUs."""
+        from ..models.dinov2 import load_dinov2
+
+        cfg = self.cfg
+        dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.distributed.precision == "bf16" else torch.float32
+        encoder = load_dinov2(cfg.repa.encoder, cfg.data.image_size, self.device, dtype)
+        tokens = (cfg.data.image_size // self.arch.patch_size) ** 2
+        if encoder.dim != cfg.repa.encoder_dim or encoder.tokens != tokens:
+            raise ValueError(f"repa.encoder={cfg.repa.encoder}: gives {encoder.tokens} x {encoder.dim} targets, the "
+                             f"model needs {tokens} x repa.encoder_dim={cfg.repa.encoder_dim}")
+        return encoder
+
+    def repa_targets(self, micro: dict, x: torch.Tensor) -> torch.Tensor | None:
+        """(B, T, C) fp32 targets of the clean images: from the cache, or DINOv2 on the batch."""
+        from ..data_pipelines.loader import repa_target
+
+        mode = self.cfg.repa.mode
+        if mode == "off":
+            return None
+        return repa_target(micro, self.device) if mode == "cached" else self.encoder(x)
 
     # ------------------------------------------------------------ resume
 
@@ -199,21 +219,29 @@ class Trainer:
         # DeepSpeed divides by its accumulation count itself; the others average micro-batch means here
         divisor = 1 if self.strategy.name.startswith("zero") else len(micros)
         loss_sum = torch.zeros((), dtype=torch.float64)
+        repa_sum = torch.zeros((), dtype=torch.float64)
         for i, micro in enumerate(micros):
             x, y = to_model_input(micro, self.device)
+            aligned = self.repa_targets(micro, x)
             draws = self.flow.draw(cfg.train.seed, s.step, micro["index"].tolist(), tuple(x.shape[1:]), self.device)
             x_t, t, y_in, target = self.flow.training_inputs(x, y, draws)
             with self.strategy.accumulating(last=i == len(micros) - 1):
-                v, _ = self.strategy.forward(x_t, t, y_in)
+                v, projected = self.strategy.forward(x_t, t, y_in)
                 per_sample = velocity_loss(v, target, "none")
-                self.strategy.backward(per_sample.mean() / divisor)
+                total = per_sample
+                if aligned is not None:
+                    per_repa = repa_loss(projected, aligned)
+                    total = per_sample + cfg.repa.weight * per_repa
+                    repa_sum += per_repa.detach().double().sum().cpu()
+                self.strategy.backward(total.mean() / divisor)
             loss_sum += per_sample.detach().double().sum().cpu()
-        flags = torch.tensor([loss_sum.item(), float(len(batch["key"])),
-                              0.0 if torch.isfinite(loss_sum) else 1.0, 1.0 if self.stop_requested else 0.0],
-                             dtype=torch.float64)
+        finite = torch.isfinite(loss_sum) and torch.isfinite(repa_sum)
+        flags = torch.tensor([loss_sum.item(), float(len(batch["key"])), 0.0 if finite else 1.0,
+                              1.0 if self.stop_requested else 0.0, repa_sum.item()], dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(flags)
         loss = flags[0].item() / max(flags[1].item(), 1.0)
+        loss_repa = flags[4].item() / max(flags[1].item(), 1.0) if self.cfg.repa.mode != "off" else None
         nonfinite, stop = flags[2].item() > 0, flags[3].item() > 0
         grad_norm, stepped = self.strategy.finish_step(skip=nonfinite)
         if stepped:
@@ -224,7 +252,7 @@ class Trainer:
             s.skipped += 1
             s.consecutive_skips += 1
         s.step += 1
-        return {"loss": loss, "grad_norm": grad_norm, "lr": stage.lr, "clip": stage.clip, "stage": stage.index,
+        return {"loss": loss, "loss_repa": loss_repa, "grad_norm": grad_norm, "lr": stage.lr, "clip": stage.clip, "stage": stage.index,
                 "stepped": stepped, "stop": stop, "samples": int(flags[1].item())}
 
     # ------------------------------------------------------------ the loop
