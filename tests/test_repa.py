@@ -313,3 +313,34 @@ def test_repa_weight_zero_leaves_the_diffusion_training_alone(images, weights, t
     off = Trainer(trainer_config(images, "off", weights), str(tmp_path / "off")).fit()
     zero = Trainer(trainer_config(images, "online", weights, None, "repa.weight=0"), str(tmp_path / "zero")).fit()
     assert list(off.history) == list(zero.history)
+
+
+def _cache_and_train(rank, world, images, weights, root):
+    import torch.distributed as dist
+
+    from pixeldit.data_pipelines.repa_cache import cache_features
+    from pixeldit.platform.trainer import Trainer
+    cache_features(images, os.path.join(root, "features"), load_dinov2(weights, SIZE), rank=rank, world=world,
+                   batch_size=7, progress=False)
+    dist.barrier()
+    losses = {}
+    for strategy in ("ddp", "fsdp", "zero2"):
+        cfg = trainer_config(images, "cached", weights, os.path.join(root, "features"), "train.steps=3",
+                             f"distributed.strategy={strategy}", "logging.tensorboard=false")
+        losses[strategy] = list(Trainer(cfg, os.path.join(root, strategy)).fit().history)
+    return losses
+
+
+def test_two_ranks_split_the_cache_job_and_train_with_the_projector_sharded(images, weights, tmp_path):
+    from tests.dist import run_distributed
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".torch_extensions"))
+    root = str(tmp_path / "two")
+    results = run_distributed(_cache_and_train, 2, images, weights, root, timeout=300)
+    single = str(tmp_path / "one")
+    assert cache(images, single, weights) == 0
+    assert load_feature_manifest(os.path.join(root, "features")).shards == load_feature_manifest(single).shards
+    reference = results[0]["ddp"]  # the same world size: the epoch plan, hence each step's samples, match
+    for strategy in ("fsdp", "zero2"):
+        assert results[0][strategy] == results[1][strategy]
+        for a, b in zip(results[0][strategy], reference):
+            assert abs(a - b) <= 1e-5 * abs(b), (strategy, results[0][strategy], reference)
