@@ -143,7 +143,7 @@ def evaluate_npz(samples_path: str, ref_path: str, inception_path: str | None = 
 
     result = {"samples": samples_path, "num_samples": n, "image_size": [height, width], "reference": ref_path,
               "num_reference_images": reference["images"], "frechet_method": frechet}
-    # ADM scores consecutive splits of 5000: a file sorted by class (as `pixeldit sample` writes it)
+    # ADM scores consecutive splits of 5000: a file sorted by class (some samplers write that)
     # would put 100 classes in each split and cap the score near 100, so score a fixed shuffle instead
     order = None
     if _labels_sorted(samples_path, sample_keys, n):

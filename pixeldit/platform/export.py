@@ -59,24 +59,51 @@ def trained_weights(ckpt: str, meta: dict, template: dict) -> dict[str, torch.Te
     return get_fp32_state_dict_from_zero_checkpoint(engine, tag="engine")
 
 
-def export_checkpoint(path: str, out: str) -> dict:
-    from safetensors.torch import save_file
+def consolidate_checkpoint(path: str, parts=("model", "ema", "projector")) -> dict:
+    """Any strategy's checkpoint -> full fp32 state dicts in this process.
 
+    Returns {"checkpoint", "meta", "arch", "model", "ema", "projector"}: `model` and `ema` keyed as
+    PixelDiT's state dict, `projector` as the REPA projector's (None without REPA). Only the
+    requested parts are read: the EMA alone needs neither the engine nor ZeRO's consolidation.
+    """
+    unknown = set(parts) - {"model", "ema", "projector"}
+    if unknown:
+        raise ValueError(f"unknown checkpoint parts {sorted(unknown)}; known: model, ema, projector")
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     arch = _arch_from_meta(meta)
     template = _template(arch, meta)
-    weights = trained_weights(ckpt, meta, template)
-    ema = load_full_ema(os.path.join(ckpt, "ema"), {k: tuple(v.shape) for k, v in template.items()})
-    tensors = {}
-    for key in template:
-        if key.startswith("model."):
-            tensors[key] = weights[key].float().contiguous()
-            tensors["ema." + key[len("model."):]] = ema[key].contiguous()
-        else:
-            tensors[key] = weights[key].float().contiguous()  # projector.*
-    metadata = {"format": FORMAT, "arch": json.dumps(dataclasses.asdict(arch)), "step": str(meta["step"]),
-                "strategy": meta["strategy"], "source": os.path.abspath(ckpt)}
+    out = {"checkpoint": ckpt, "meta": meta, "arch": arch, "model": None, "ema": None, "projector": None}
+
+    def group(state, prefix):
+        return {k[len(prefix):]: state[k].float().contiguous() for k in template if k.startswith(prefix)}
+
+    if "model" in parts or "projector" in parts:
+        weights = trained_weights(ckpt, meta, template)
+        if "model" in parts:
+            out["model"] = group(weights, "model.")
+        if "projector" in parts:
+            out["projector"] = group(weights, "projector.") or None
+    if "ema" in parts:
+        shapes = {k: tuple(v.shape) for k, v in template.items() if k.startswith("model.")}
+        out["ema"] = group(load_full_ema(os.path.join(ckpt, "ema"), shapes), "model.")
+    return out
+
+
+def export_checkpoint(path: str, out: str) -> dict:
+    from safetensors.torch import save_file
+
+    full = consolidate_checkpoint(path)
+    meta = full["meta"]
+    tensors = {f"model.{k}": v for k, v in full["model"].items()}
+    tensors |= {f"ema.{k}": v for k, v in full["ema"].items()}
+    tensors |= {f"projector.{k}": v for k, v in (full["projector"] or {}).items()}
+    config = meta["config"]
+    # image size and time shift travel with the weights so that sampling an export needs no config
+    metadata = {"format": FORMAT, "arch": json.dumps(dataclasses.asdict(full["arch"])), "step": str(meta["step"]),
+                "strategy": meta["strategy"], "source": os.path.abspath(full["checkpoint"]),
+                "image_size": str(config["data"]["image_size"]),
+                "time_shift": str(config["diffusion"]["time_shift"])}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file(tensors, out, metadata=metadata)
     return metadata
@@ -88,17 +115,28 @@ def _arch_from_meta(meta: dict) -> PixelDiTArch:
     return resolve_arch(model.pop("name"), **model)
 
 
+def read_export_metadata(path: str) -> dict:
+    """The metadata of one of our exports; a clear error for any other file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error type for a file that is not one
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a pixeldit export (format={metadata.get('format')!r})")
+    return metadata
+
+
 def load_exported(path: str, weights: str = "ema", device="cpu") -> PixelDiT:
     """A PixelDiT with the exported `ema` (default) or `model` weights."""
     from safetensors import safe_open
 
     if weights not in ("ema", "model"):
         raise ValueError(f"weights={weights!r}: expected 'ema' or 'model'")
+    arch = PixelDiTArch(**json.loads(read_export_metadata(path)["arch"]))
     with safe_open(path, framework="pt", device=str(device)) as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a pixeldit export (format={metadata.get('format')!r})")
-        arch = PixelDiTArch(**json.loads(metadata["arch"]))
         prefix = weights + "."
         state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     model = PixelDiT(arch).to(device)
