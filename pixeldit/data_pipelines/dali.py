@@ -57,8 +57,9 @@ def _build_pipeline(spec: LoaderSpec, source, device: torch.device, prefetch: in
             decoded = fn.resize(decoded, size=resized_hw, interp_type=types.INTERP_CUBIC, antialias=True)
             decoded = fn.slice(decoded, anchor_yx, [float(spec.image_size)] * 2, axes=[0, 1],
                                normalized_anchor=False, normalized_shape=False)
-        decoded = fn.flip(decoded, horizontal=flips)
-        return fn.transpose(decoded, perm=[2, 0, 1])
+        # HWC out, viewed as (B, 3, H, W) channels-last on the torch side, as the pil decoder does:
+        # a transpose here would cost a full copy per image
+        return fn.flip(decoded, horizontal=flips)
 
     pipe = pipeline()
     pipe.build()
@@ -129,7 +130,7 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
                                    f"DALI cannot skip bad samples: run `pixeldit shards verify --decode` on them "
                                    f"or use data.decoder=pil, which skips and counts them. ({e})") from e
             labels, keys, indices, stats, _, targets = pending.popleft()
-            batch = {"image": out[0]["image"], "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+            batch = {"image": out[0]["image"].permute(0, 3, 1, 2), "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
                      "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
             if spec.features is not None:
                 batch["repa"] = stack_targets(spec, targets)

@@ -133,12 +133,23 @@ def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats) -> d
         keys.append(raw.key)
         indices.append(raw.canonical)
     size = spec.image_size
-    image = torch.stack(arrays) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    image = stack_images(arrays) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
     batch = {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
              "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
     if spec.features is not None:
         batch["repa"] = stack_targets(spec, targets)
     return batch
+
+
+def stack_images(arrays: list[torch.Tensor]) -> torch.Tensor:
+    """(B, 3, H, W) uint8 in channels-last memory.
+
+    Every decoder hands out (3, H, W) views of interleaved (H, W, 3) pixels; stacking them as
+    CHW would transpose each image on the way (measured 15 ms per 32 × 256² batch, a third of the
+    decode time), while copying them in pixel order is a plain memcpy. The model input is the same
+    shape; the device-side float conversion absorbs the layout for free.
+    """
+    return torch.stack([a.permute(1, 2, 0) for a in arrays]).permute(0, 3, 1, 2)
 
 
 def stack_targets(spec: LoaderSpec, targets: list[torch.Tensor]) -> torch.Tensor:
