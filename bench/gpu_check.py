@@ -5,6 +5,10 @@
 1. DALI `mixed` decode of real photographs vs the CPU decoders (same keys, pixel agreement, img/s).
 2. PixelDiT-XL bf16 train steps at 256², batch 32 per GPU, under fsdp and zero2 (same trainer code
    as CPU runs): img/s, MFU against the device's bf16 peak, peak memory.
+3. REPA: PixelDiT-B bf16 step with online DINOv2-B targets vs cached ones (bench/repa.py on cuda),
+   and the encoder's img/s (the cache job's bound).
+4. Sampling: images/s and evaluations per image of each sampler, PixelDiT-XL 256² bf16, 10 steps
+   (bench/sample.py on cuda).
 It needs a CUDA device; on a CPU-only machine it says so and exits 2.
 """
 
@@ -83,6 +87,18 @@ def train_check(strategy: str, steps: int, batch: int, workdir: str) -> dict:
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "device": torch.cuda.get_device_name()}
 
 
+def bench_script(name: str, *args: str) -> dict:
+    """Run one bench/ script on the GPU and keep its printed table and JSON figures."""
+    import subprocess
+    out = os.path.join(tempfile.mkdtemp(prefix=name), "figures.json")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.join(here, f"{name}.py"), *args, "--device", "cuda",
+                           "--json", out], capture_output=True, text=True, timeout=900)
+    figures = json.load(open(out)) if os.path.exists(out) else {}
+    return {"returncode": proc.returncode, "stdout": proc.stdout[-4000:], "stderr": proc.stderr[-2000:],
+            "figures": figures}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
@@ -103,6 +119,10 @@ def main():
     for strategy in args.strategies.split(","):
         report[strategy] = train_check(strategy, args.steps, args.batch, workdir)
         print(strategy, json.dumps(report[strategy]), flush=True)
+    report["repa"] = bench_script("repa", "--model", "pixeldit-b", "--batch", "32", "--steps", "5", "--bf16")
+    print(report["repa"]["stdout"], flush=True)
+    report["sample"] = bench_script("sample", "--runs", "pixeldit-xl@256:32:10", "--dtype", "bf16")
+    print(report["sample"]["stdout"], flush=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
     return 0

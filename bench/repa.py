@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import machine, median, write_json
+from _common import machine, median, sync, write_json
 from pixeldit.data_pipelines.features import FeatureManifest, decode, encode, mirror_grid
 from pixeldit.diffusion import repa_loss, velocity_loss
 from pixeldit.models import PRESETS, build_model, build_projector
@@ -36,6 +36,8 @@ def parse_args():
     ap.add_argument("--steps", type=int, default=3, help="timed steps per arm")
     ap.add_argument("--encoder", default=None, help="DINOv2 weights (default: random weights of DINOv2-B's shape)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="autocast the step and run the encoder in bf16, as on GPUs")
     ap.add_argument("--json", default=None)
     return ap.parse_args()
 
@@ -50,35 +52,38 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     torch.manual_seed(0)
     weights = args.encoder or random_dinov2_b(tempfile.mktemp(suffix=".pth"))
-    encoder = load_dinov2(weights, args.resolution)
-    model = build_model(args.model, num_classes=1000, patch_size=16)
-    projector = build_projector(model.arch.hidden_size, encoder.dim)
+    encoder = load_dinov2(weights, args.resolution, device, torch.bfloat16 if args.bf16 else torch.float32)
+    model = build_model(args.model, num_classes=1000, patch_size=16).to(device)
+    projector = build_projector(model.arch.hidden_size, encoder.dim).to(device)
     params = list(model.parameters()) + list(projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     B, S = args.batch, args.resolution
-    images = torch.rand(B, 3, S, S) * 2 - 1
-    labels = torch.randint(0, 1000, (B,))
+    images = torch.rand(B, 3, S, S, device=device) * 2 - 1
+    labels = torch.randint(0, 1000, (B,), device=device)
     manifest = FeatureManifest([], encoder.name, weights, "", S, encoder.input_size, encoder.tokens, encoder.dim,
                                "fp16", "none", "")
     stored = [encode(t, "fp16") for t in encoder(images)]
 
     def step(targets_fn):
         targets = targets_fn()
-        t = torch.rand(B)
+        t = torch.rand(B, device=device)
         noise = torch.randn_like(images)
         x_t = t.view(-1, 1, 1, 1) * images + (1 - t.view(-1, 1, 1, 1)) * noise
-        v, hidden = model(x_t, t, labels, return_block=8)
-        loss = velocity_loss(v, images - noise) + 0.5 * repa_loss(projector(hidden), targets).mean()
+        with autocast:
+            v, hidden = model(x_t, t, labels, return_block=min(8, model.arch.patch_depth))
+            projected = projector(hidden)
+        loss = velocity_loss(v, images - noise) + 0.5 * repa_loss(projected, targets).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     arms = {
         "online": lambda: encoder(images),
-        "cached": lambda: torch.stack([decode(files, manifest, False, "bench") for files in stored]).float(),
+        "cached": lambda: torch.stack([decode(files, manifest, False, "bench") for files in stored]).to(device).float(),
     }
     times = {name: [] for name in arms}
     for name in arms:  # warm-up
@@ -87,15 +92,17 @@ def main():
         for name, fn in arms.items():
             start = time.perf_counter()
             step(fn)
+            sync(device)
             times[name].append(time.perf_counter() - start)
     enc_times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         encoder(images)
+        sync(device)
         enc_times.append(time.perf_counter() - start)
     online, cached = median(times["online"]), median(times["cached"])
     print(f"{args.model} {S}px batch {B}, DINOv2 {encoder.name} ({encoder.input_size}px input), "
-          f"{torch.get_num_threads()} threads")
+          f"{args.device}{' bf16' if args.bf16 else ''}, {torch.get_num_threads()} threads")
     print(f"  step online   {online:.3f} s")
     print(f"  step cached   {cached:.3f} s   cached/online = {cached / online:.3f}")
     print(f"  encoder alone {median(enc_times):.3f} s/batch = {B / median(enc_times):.2f} img/s "
