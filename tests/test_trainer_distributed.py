@@ -35,10 +35,22 @@ def _run(rank, world, data, root, plan):
         state = trainer.fit(resume_from)
         weights = trainer.strategy.full_state_dict()
         frags = [(f.name, f.start, shadow.clone()) for f, shadow in zip(trainer.ema.fragments, trainer.ema.shadow)]
+        moments = _zero_moments(trainer) if strategy.startswith("zero") else None  # collective under zero3
         results[name] = {"losses": list(state.history), "weights": weights if rank == 0 else None, "ema": frags,
-                         "ema_bytes": trainer.ema.local_bytes()}
+                         "ema_bytes": trainer.ema.local_bytes(), "moments": moments if rank == 0 else None}
         dist.barrier()
     return results
+
+
+def _zero_moments(trainer) -> dict:
+    """Full AdamW moments per parameter, gathered from the ZeRO partitions (a collective)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+    return {f"{n}/{key}": safe_get_full_optimizer_state(p, key).detach().clone()
+            for n, p in trainer.strategy.module.named_parameters() for key in ("exp_avg", "exp_avg_sq")}
+
+
+def _zero_steps(trainer) -> set[int]:
+    return {int(s["step"]) for s in trainer.strategy.engine.optimizer.optimizer.state.values()}
 
 
 def _full_ema(per_rank, shapes):
@@ -172,3 +184,67 @@ def test_fsdp_checkpoint_of_two_ranks_resumes_on_one(runs, synthetic_shards, tmp
     assert out["optimizer_steps"] == {STEPS}  # AdamW moments and step counts came along
     # 6 steps x 8 samples of 230: the same global position, in the one-rank layout
     assert (out["epoch"], out["batches"]) == (0, STEPS)
+
+
+def _zero_on_another_world(rank, world, data, root, source, saved_step, train=True):
+    """Resume each ZeRO stage's checkpoint of `saved_step` (written by another world size), train one step."""
+    from pixeldit.platform.config import load_config
+    from pixeldit.platform.trainer import Trainer
+
+    out = {}
+    for strategy in ("zero2", "zero3"):
+        trainer = Trainer(load_config(None, _overrides(data, strategy, saved_step + 1)), os.path.join(root, strategy))
+        trainer.resume(os.path.join(source, strategy, "checkpoints", f"step_{saved_step:08d}"))
+        loaded = {"weights": trainer.strategy.full_state_dict(), "moments": _zero_moments(trainer),
+                  "steps": _zero_steps(trainer), "ema": {f.name: s.clone() for f, s in zip(trainer.ema.fragments,
+                                                                                          trainer.ema.shadow)},
+                  "position": (trainer.loader.epoch, trainer.loader.batches_done)}
+        trained = None
+        if train:
+            state = trainer.fit()
+            trained = {"weights": trainer.strategy.full_state_dict(), "moments": _zero_moments(trainer),
+                       "steps": _zero_steps(trainer), "losses": list(state.history), "step": state.step}
+        out[strategy] = {"loaded": loaded, "trained": trained} if rank == 0 else None
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero_on_one(runs, synthetic_shards, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("zero_on_one"))
+    out = run_distributed(_zero_on_another_world, 1, synthetic_shards, root, runs["root"], STEPS, timeout=600)[0]
+    return {"root": root, "out": out}
+
+
+def _assert_equal(actual: dict, expected: dict):
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_zero_checkpoint_of_two_ranks_resumes_on_one(runs, zero_on_one, name):
+    loaded, trained = zero_on_one["out"][name]["loaded"], zero_on_one["out"][name]["trained"]
+    saved = runs["rank0"][name]
+    _assert_equal(loaded["weights"], saved["weights"])
+    _assert_equal(loaded["moments"], saved["moments"])  # AdamW moments came along, bit for bit ...
+    assert loaded["steps"] == {STEPS}  # ... and the step count (bias correction)
+    shapes = {k: tuple(v.shape) for k, v in saved["weights"].items()}
+    expected = _full_ema([runs["ranks"][r][name]["ema"] for r in range(2)], shapes)
+    _assert_equal({k: v.view(shapes[k]) for k, v in loaded["ema"].items()}, expected)
+    assert loaded["position"] == (0, STEPS)
+    # one more step on one rank: a real update from the loaded state
+    assert trained["step"] == STEPS + 1 and trained["steps"] == {STEPS + 1} and len(trained["losses"]) == 1
+    assert all(not torch.equal(trained["weights"][k], v) for k, v in loaded["weights"].items() if "weight" in k)
+    converted = os.path.join(runs["root"], name, "checkpoints", f"step_{STEPS:08d}", "engine", "universal")
+    assert os.path.exists(os.path.join(converted, "converted.json"))
+
+
+def test_zero_checkpoint_of_one_rank_resumes_on_two(zero_on_one, synthetic_shards, tmp_path):
+    # the checkpoints of step 7 that the one-rank runs above wrote
+    per_rank = run_distributed(_zero_on_another_world, 2, synthetic_shards, str(tmp_path), zero_on_one["root"],
+                               STEPS + 1, False, timeout=600)
+    for name in ("zero2", "zero3"):
+        saved, loaded = zero_on_one["out"][name]["trained"], per_rank[0][name]["loaded"]
+        _assert_equal(loaded["weights"], saved["weights"])
+        _assert_equal(loaded["moments"], saved["moments"])
+        assert loaded["steps"] == {STEPS + 1}

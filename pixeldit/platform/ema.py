@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import dcp_load, dcp_save
+
 
 @dataclass
 class Fragment:
@@ -73,16 +75,15 @@ class ShardedEMA:
                 for name, size in sorted(sizes.items())}
 
     def save(self, path: str, rank: int):
-        import torch.distributed.checkpoint as dcp
-        dcp.save(self.sharded_state(rank), checkpoint_id=path)
+        """`path`: a folder or an fsspec URL (DCP's fsspec writer)."""
+        dcp_save(self.sharded_state(rank), path)
 
     def load(self, path: str, rank: int):
         """Read this rank's slices from an EMA checkpoint written by any strategy and world size."""
-        import torch.distributed.checkpoint as dcp
         if self.replicated:  # every rank reads every tensor whole
-            dcp.load({f.name: shadow for f, shadow in zip(self.fragments, self.shadow)}, checkpoint_id=path)
+            dcp_load({f.name: shadow for f, shadow in zip(self.fragments, self.shadow)}, path)
         else:
-            dcp.load(self.sharded_state(rank), checkpoint_id=path)  # the shards are views of self.shadow
+            dcp_load(self.sharded_state(rank), path)  # the shards are views of self.shadow
 
 
 def _numel(shape) -> int:
@@ -94,7 +95,6 @@ def _numel(shape) -> int:
 
 def load_full_ema(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """Consolidate an EMA checkpoint in one process: {name: full fp32 tensor of `shapes[name]`}."""
-    import torch.distributed.checkpoint as dcp
     flat = {name: torch.empty(_numel(shape), dtype=torch.float32) for name, shape in shapes.items()}
-    dcp.load(flat, checkpoint_id=path)
+    dcp_load(flat, path)
     return {name: t.view(shapes[name]) for name, t in flat.items()}

@@ -8,12 +8,15 @@ outside and offers the same step protocol to the trainer:
     grad_norm, stepped = strategy.finish_step(skip)
 
 plus `fragments()` (the rank's fp32 master slices, for the EMA), `save/load`
-(the native sharded format: torch.save, DCP, DeepSpeed) and `full_state_dict()`.
+(the native sharded format: torch.save, DCP, DeepSpeed; to a folder or an fsspec
+URL) and `full_state_dict()`.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import math
 import os
 
@@ -21,9 +24,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .checkpoint import (dcp_load, dcp_save, exists, join, load_torch, local_folder, remove, save_torch,
+                         write_text)
 from .ema import Fragment
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+UNIVERSAL = "universal"       # engine/universal/: a ZeRO checkpoint converted for another world size
+CONVERTED = "converted.json"  # written last into it: a folder without it is a crashed conversion
 
 
 class TrainModule(nn.Module):
@@ -126,12 +133,11 @@ class DDPStrategy(Strategy):
 
     def save(self, path: str):
         if self.rank == 0:
-            os.makedirs(path, exist_ok=True)
-            torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
-                       os.path.join(path, "state.pt"))
+            save_torch({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                       join(path, "state.pt"))
 
-    def load(self, path: str):
-        state = torch.load(os.path.join(path, "state.pt"), map_location=self.device, weights_only=True)
+    def load(self, path: str, saved_world: int | None = None):
+        state = load_torch(join(path, "state.pt"), map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -183,14 +189,12 @@ class FSDPStrategy(Strategy):
         return {"module": model_state, "optimizer": optim_state}
 
     def save(self, path: str):
-        import torch.distributed.checkpoint as dcp
-        dcp.save(self._state(), checkpoint_id=path)
+        dcp_save(self._state(), path)
 
-    def load(self, path: str):
-        import torch.distributed.checkpoint as dcp
+    def load(self, path: str, saved_world: int | None = None):
         from torch.distributed.checkpoint.state_dict import set_state_dict
         state = self._state()
-        dcp.load(state, checkpoint_id=path)
+        dcp_load(state, path)  # DCP reshards to this world by itself
         set_state_dict(self.module, self.optimizer, model_state_dict=state["module"],
                        optim_state_dict=state["optimizer"])
 
@@ -268,15 +272,52 @@ class ZeroStrategy(Strategy):
         return out
 
     def save(self, path: str):
-        # client state is ours (rank files); DeepSpeed's own `latest` file is not used
-        self.engine.save_checkpoint(path, tag="engine", client_state={}, save_latest=False)
+        # DeepSpeed writes local files only: on object storage each rank stages its own files, then uploads.
+        # Client state is ours (rank files); DeepSpeed's own `latest` file is not used
+        with local_folder(path, upload=True) as local:
+            self.engine.save_checkpoint(local, tag="engine", client_state={}, save_latest=False)
 
-    def load(self, path: str):
-        load_path, _ = self.engine.load_checkpoint(path, tag="engine", load_module_strict=True,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+    def load(self, path: str, saved_world: int | None = None):
+        """Same world: DeepSpeed's own files. Another world: its universal checkpoint, converted once."""
+        tag = "engine" if saved_world in (None, self.world) else self._universal(path, saved_world)
+        with local_folder(join(path, tag), download=True) as local:
+            # the flag is read inside load_checkpoint only; off again after, so a later load is native
+            self.engine._config.load_universal_checkpoint = tag == UNIVERSAL
+            try:
+                load_path, _ = self.engine.load_checkpoint(os.path.dirname(local), tag=tag, load_module_strict=True,
+                                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+            finally:
+                self.engine._config.load_universal_checkpoint = False
         if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {join(path, tag)}")
         self._skipped = self.engine.skipped_steps
+
+    def _universal(self, path: str, saved_world: int) -> str:
+        """Convert `path/engine` (ZeRO partitions of `saved_world` ranks) into DeepSpeed's universal
+        layout `path/universal` (one file per parameter and state) on rank 0, once per checkpoint."""
+        target, error, failure = join(path, UNIVERSAL), None, None
+        if self.rank == 0 and not exists(join(target, CONVERTED)):
+            try:
+                from deepspeed.checkpoint import ds_to_universal
+                remove(target)  # a conversion that crashed midway
+                with local_folder(join(path, "engine"), download=True) as source, \
+                        local_folder(target, upload=True) as out:
+                    # one worker: the pool forks this process, process group and all
+                    args = argparse.Namespace(input_folder=source, output_folder=out, num_extract_workers=1,
+                                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                              inject_missing_state=True)
+                    ds_to_universal.main(args)
+                write_text(join(target, CONVERTED), json.dumps({"from_world": saved_world}))  # last: the commit
+            except Exception as e:  # noqa: BLE001 - every rank raises it below instead of waiting for rank 0
+                error, failure = f"{type(e).__name__}: {e}", e
+        if dist.is_initialized():
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise RuntimeError(f"{join(path, 'engine')}: converting a checkpoint of {saved_world} ranks to "
+                               f"DeepSpeed's universal format for {self.world} failed on rank 0: {error}") from failure
+        return UNIVERSAL
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
