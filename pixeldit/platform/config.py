@@ -181,9 +181,21 @@ class DistributedConfig:
 class CheckpointConfig:
     every_steps: int = 1000
     keep_last: int = 3
+    # a folder all ranks see, or an fsspec URL (s3://bucket/run/checkpoints) for nodes without a shared
+    # filesystem; None: <train.run_dir>/checkpoints
+    dir: Optional[str] = None
+    # S3-compatible endpoint for an s3:// dir (else AWS_ENDPOINT_URL / the default); credentials from the environment
+    endpoint_url: Optional[str] = None
 
     def check(self, path: str):
         _positive(self, path, "every_steps", "keep_last")
+        if self.dir is not None and "://" in self.dir:
+            import fsspec
+            protocol = self.dir.split("://", 1)[0]
+            try:
+                fsspec.get_filesystem_class(protocol)
+            except (ValueError, ImportError) as e:
+                raise ConfigError(f"{path}.dir={self.dir!r}: no fsspec filesystem for {protocol}:// ({e})") from None
 
 
 @dataclass
@@ -204,17 +216,31 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation in the training loop: every `every_steps` (0 = never) the EMA weights sample
+    `num_images` on all ranks; a grid is logged and, with Inception weights and a reference batch,
+    FID-num_images (docs/evaluation.md)."""
+    every_steps: int = 0
+    num_images: int = 1000
+    batch_size: int = 50
+    seed: int = 0
     sampler: Literal["ab2", "euler", "heun", "sde"] = "ab2"
     steps: int = 100
     cfg_scale: float = 1.0
     cfg_interval: tuple[float, float] = (0.0, 1.0)
-    samples_per_class: int = 50
+    # pt_inception-2015-12-05-6726825d.pth (a file or URL); the ADM reference batch .npz
+    inception: Optional[str] = None
+    reference: Optional[str] = None
 
     def check(self, path: str):
-        _positive(self, path, "steps", "samples_per_class")
+        _positive(self, path, "steps", "num_images", "batch_size")
+        if self.every_steps < 0:
+            raise ConfigError(f"{path}.every_steps={self.every_steps} must be >= 0 (0: off)")
         lo, hi = self.cfg_interval
         if not 0.0 <= lo < hi <= 1.0:
             raise ConfigError(f"{path}.cfg_interval={list(self.cfg_interval)} must satisfy 0 <= lo < hi <= 1")
+        if self.inception and not self.reference:
+            raise ConfigError(f"{path}.reference is required with {path}.inception (FID needs reference "
+                              f"statistics: the ADM reference batch .npz)")
 
 
 @dataclass

@@ -104,12 +104,15 @@ class Monitor:
             scalars["perf/mfu"] = images_per_s * self.flops_per_image / (self.peak * 1e12 * self.world)
         if self.device.type == "cuda":
             scalars["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, step)
+        self.add_scalars(scalars, step)
         log.info("step %d/%d  loss %.4f  grad %.3f  lr %.2e  clip %.2f  %.1f img/s  data %.0f%%  skipped %d",
                  step, self.cfg.train.steps, metrics["loss"], metrics["grad_norm"], metrics["lr"], metrics["clip"],
                  images_per_s, 100 * data_share, state.skipped)
+
+    def add_scalars(self, scalars: dict, step: int):
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
 
     def add_images(self, tag: str, grid: torch.Tensor, step: int):
         if self.writer is not None:

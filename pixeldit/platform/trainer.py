@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..diffusion import RectifiedFlow, repa_loss, velocity_loss
 from ..models import build_model, build_projector, training_flops
-from .checkpoint import latest_checkpoint, load_rank_state, read_meta, save_checkpoint
+from .checkpoint import join, latest_checkpoint, load_rank_state, read_meta, register_root, save_checkpoint
 from .ema import ShardedEMA
 from .monitor import Monitor
 from .preview import write_preview
@@ -142,9 +142,14 @@ class Trainer:
         self.flow = RectifiedFlow.from_config(cfg.diffusion, arch.num_classes)
         self.schedule = StagedSchedule.from_config(cfg.schedule)
         self.state = TrainState()
-        self.checkpoint_root = os.path.join(self.run_dir, "checkpoints")
+        self.checkpoint_root = self._checkpoint_root()
         self.stop_requested = False
         self.last_preview = None
+        self.last_eval: dict | None = None
+        self.evaluator = None
+        if cfg.eval.every_steps:
+            from .eval_loop import InLoopEvaluator
+            self.evaluator = InLoopEvaluator(cfg, self.device, self.rank)
         self.monitor = Monitor(cfg, self.run_dir, self.rank, self.world, self.device,
                                training_flops(arch, cfg.data.image_size, cfg.data.image_size))
 
@@ -172,13 +177,21 @@ class Trainer:
 
     # ------------------------------------------------------------ resume
 
+    def _checkpoint_root(self) -> str:
+        """checkpoint.dir (a folder or an fsspec URL), else <run_dir>/checkpoints."""
+        c = self.cfg.checkpoint
+        root = (c.dir or os.path.join(self.run_dir, "checkpoints")).rstrip("/")
+        register_root(root, {"endpoint_url": c.endpoint_url} if c.endpoint_url else {})
+        return root
+
     def resume(self, path: str | None = None) -> bool:
         path = path or latest_checkpoint(self.checkpoint_root)
         if path is None:
             return False
         meta = read_meta(path)
-        self.strategy.load(os.path.join(path, "engine"))
-        self.ema.load(os.path.join(path, "ema"), self.rank)
+        # ddp / fsdp reshard by themselves; ZeRO converts to DeepSpeed's universal format when the world changed
+        self.strategy.load(join(path, "engine"), saved_world=meta["world"])
+        self.ema.load(join(path, "ema"), self.rank)
         rank_state = load_rank_state(path, self.rank if self.rank < meta["world"] else 0)
         self.loader.load_state_dict(rank_state["loader"])
         _set_rng_state(rank_state["rng"])
@@ -306,6 +319,8 @@ class Trainer:
                 every = cfg.logging.sample_every_steps
                 if (every and self.state.step % every == 0) or self.state.step == cfg.train.steps:
                     self.last_preview = write_preview(self)
+                if self.evaluator is not None and self.state.step % cfg.eval.every_steps == 0:
+                    self.last_eval = self.evaluator.run(self)
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.monitor.close()
