@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .manifest import ShardInfo, manifest_url
+from .manifest import ShardInfo, manifest_url, parse_manifest_json
 from .source import ReadStats, ShardReader
 from .storage import read_bytes, write_bytes
 
@@ -60,18 +60,10 @@ class FeatureManifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "FeatureManifest":
+        data = parse_manifest_json(text, where, FORMAT, VERSION)
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON: {e}") from None
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
-            raise ValueError(f"{where}: not a {FORMAT} v{VERSION} manifest (format={data.get('format')!r}, "
-                             f"version={data.get('version')!r})")
-        data.pop("num_samples", None)
-        try:
-            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
             manifest = cls(**data)
-        except (KeyError, TypeError) as e:
+        except TypeError as e:
             raise ValueError(f"{where}: malformed feature manifest: {e}") from None
         if manifest.dtype not in DTYPES or manifest.flip not in FLIPS:
             raise ValueError(f"{where}: dtype {manifest.dtype!r} / flip {manifest.flip!r} unknown")

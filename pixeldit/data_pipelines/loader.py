@@ -11,8 +11,6 @@ batches lets a new loader continue with batch k + 1.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import logging
 import queue
 import threading
@@ -20,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode  # also registers torch.ops.image
 
 from ..diffusion.randomness import stream_seed
 from . import images
@@ -87,6 +85,12 @@ def label_of(files: dict[str, bytes], where: str) -> int:
         raise ValueError(f"{where}: sample has no integer .cls label") from None
 
 
+def decode_jpeg_rgb(data: torch.Tensor) -> torch.Tensor:
+    # the op under torchvision.io.decode_jpeg: its Python wrapper warns (deprecation) and logs API
+    # usage on every call, ~6% of a 256² decode (torchvision is pinned in pyproject.toml)
+    return torch.ops.image.decode_jpeg(data, ImageReadMode.RGB.value, False)
+
+
 def cpu_decode(spec: LoaderSpec, data: bytes) -> torch.Tensor:
     return decode_image(data, spec.image_size, spec.needs_resize())
 
@@ -97,7 +101,7 @@ def decode_image(data: bytes, size: int, crop: bool) -> torch.Tensor:
     every image that needs the ADM crop, through Pillow."""
     if not crop and data[:3] == b"\xff\xd8\xff":
         try:
-            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            image = decode_jpeg_rgb(torch.frombuffer(bytearray(data), dtype=torch.uint8))
             if image.shape == (3, size, size):
                 return image
         except RuntimeError:
@@ -158,7 +162,8 @@ def stack_targets(spec: LoaderSpec, targets: list[torch.Tensor]) -> torch.Tensor
     return torch.stack(targets) if targets else torch.empty(0, f.tokens, f.dim, dtype=dtype)
 
 
-def _batched(items: Iterator, size: int) -> Iterator[list]:
+def batched(items: Iterator, size: int) -> Iterator[list]:
+    """Lists of `size` items; the last one may be shorter."""
     batch = []
     for item in items:
         batch.append(item)
@@ -166,7 +171,7 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
             yield batch
             batch = []
     if batch:
-        raise AssertionError("lanes are batch-aligned; a partial batch means a planning bug")
+        yield batch
 
 
 def lane_batches(spec: LoaderSpec, epoch: int, lane: int, start_batch: int, decode: bool = True) -> Iterator[dict]:
@@ -176,7 +181,9 @@ def lane_batches(spec: LoaderSpec, epoch: int, lane: int, start_batch: int, deco
         reader = LockstepReader(reader, ShardReader(spec.features, spec.features_root, spec.options, spec.retries,
                                                     spec.skip_failed))
     samples = iter_lane(plan, reader, lane, spec.window, start_batch * spec.batch)
-    for group in _batched(samples, spec.batch):
+    for group in batched(samples, spec.batch):
+        if len(group) != spec.batch:
+            raise AssertionError("lanes are batch-aligned; a partial batch means a planning bug")
         stats, reader.stats = reader.stats, ReadStats()
         yield _collate(spec, epoch, group, stats) if decode else (group, stats)
 
@@ -218,27 +225,16 @@ def _background(items: Iterator, depth: int) -> Iterator:
 
 def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, threads: int, prefetch: int,
                      pin: bool = False) -> Iterator[dict]:
-    """Lanes read on their own threads; batches decode on a thread pool, yielded in lane order."""
+    """Each lane reads, decodes and stacks its batches on its own thread; yielded in lane order."""
     lanes = spec.split.lanes
-    raw = interleave([_background(lane_batches(spec, epoch, lane, lane_position(batches_done, lanes, lane),
-                                               decode=False), prefetch)
-                      for lane in range(lanes)], start=batches_done % lanes)
 
-    def decode(item):
-        group, stats = item
-        batch = _collate(spec, epoch, group, stats)
-        if pin:
-            batch["image"] = batch["image"].pin_memory()
-        return batch
+    def lane(index: int) -> Iterator[dict]:
+        for batch in lane_batches(spec, epoch, index, lane_position(batches_done, lanes, index)):
+            if pin:
+                batch["image"] = batch["image"].pin_memory()
+            yield batch
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-        pending: collections.deque = collections.deque()
-        for item in raw:
-            pending.append(pool.submit(decode, item))
-            if len(pending) > threads * prefetch:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    yield from interleave([_background(lane(i), prefetch) for i in range(lanes)], start=batches_done % lanes)
 
 
 class ShardLoader:

@@ -55,21 +55,30 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Manifest":
+        data = parse_manifest_json(text, where, FORMAT, VERSION)
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON: {e}") from None
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a {FORMAT} manifest (format={data.get('format')!r})")
-        if data.get("version") != VERSION:
-            raise ValueError(f"{where}: manifest version {data.get('version')} is not supported (expected {VERSION})")
-        data.pop("num_samples", None)
-        try:
-            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
             data["image"] = ImagePolicy(**data.get("image", {}))
             return cls(**data)
-        except (KeyError, TypeError) as e:
+        except TypeError as e:
             raise ValueError(f"{where}: malformed manifest: {e}") from None
+
+
+def parse_manifest_json(text: str, where: str, fmt: str, version: int) -> dict:
+    """The manifest's fields with `shards` as ShardInfo, after checking its format and version."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON: {e}") from None
+    if data.get("format") != fmt:
+        raise ValueError(f"{where}: not a {fmt} manifest (format={data.get('format')!r})")
+    if data.get("version") != version:
+        raise ValueError(f"{where}: manifest version {data.get('version')} is not supported (expected {version})")
+    data.pop("num_samples", None)
+    try:
+        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where}: malformed manifest: {e}") from None
+    return data
 
 
 def manifest_url(root: str) -> str:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..models.dinov2 import DinoV2Encoder
 from .features import DTYPES, FLIPS, FeatureManifest, encode, save_feature_manifest
-from .loader import decode_image, image_bytes
+from .loader import batched, decode_image, image_bytes
 from .manifest import ShardInfo, load_manifest, manifest_url
 from .source import ShardReader
 from .storage import exists, filesystem, join, protocol_of, read_bytes, strip_protocol, write_bytes
@@ -35,17 +35,6 @@ PARTS = "parts"
 
 def _record_url(out: str, shard_name: str) -> str:
     return join(out, PARTS, shard_name.rsplit(".", 1)[0] + ".json")
-
-
-def _batches(items, size: int):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def cache_features(data: str, out: str, encoder: DinoV2Encoder, *, dtype: str = "fp16", flip: str = "none",
@@ -75,7 +64,7 @@ def cache_features(data: str, out: str, encoder: DinoV2Encoder, *, dtype: str = 
             sink = OpenShard(out, shard.name.rsplit(".", 1)[0], options)
             unreadable = []
             try:
-                for chunk in _batches(reader.read_run(i, 0, shard.samples), batch_size):
+                for chunk in batched(reader.read_run(i, 0, shard.samples), batch_size):
                     decoded = list(pool.map(lambda item: _decode(item, encoder.image_size, crop), chunk))
                     unreadable += [key for (_, key, _), image in zip(chunk, decoded) if image is None]
                     for (_, key, _), tokens in zip(chunk, _encode_batch(encoder, decoded, flip, device)):
