@@ -63,6 +63,26 @@ def test_index_is_byte_identical_to_dalis_own_tool(photo_shards, tmp_path):
         assert len(parse_index(ours, shard.index)) == shard.samples
 
 
+def test_reader_slices_by_the_index_and_parses_headers_when_the_index_disagrees(synthetic_shards, tmp_path):
+    import shutil
+
+    from pixeldit.data_pipelines.source import ShardReader
+    manifest = load_manifest(synthetic_shards)
+    shard = manifest.shards[0]
+    with open(Path(synthetic_shards, shard.name), "rb") as f:
+        truth = list(iter_samples(f, shard.name))
+    fast = list(ShardReader(manifest, synthetic_shards).read_run(0, 3, shard.samples))
+    assert [(k, files) for _, k, files in fast] == truth[3:]
+    # an index whose names do not match the archive's headers (same offsets): the reader must not
+    # trust its names, but fall back to parsing the headers, which still give the true keys
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_shards, copy)
+    index = Path(copy, shard.index)
+    index.write_text(index.read_text().replace(truth[5][0], truth[5][0][:-1] + "Z"))
+    slow = list(ShardReader(manifest, str(copy)).read_run(0, 3, shard.samples))
+    assert [(k, files) for _, k, files in slow] == truth[3:]
+
+
 def test_adm_crop_policy_and_seeded_order(tmp_path, photo_shards):
     items, classes = writer.list_image_folder(str(photo_shards["src"]))
     policy = ImagePolicy(mode="adm", size=64, format="png")

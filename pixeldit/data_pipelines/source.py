@@ -35,7 +35,7 @@ import numpy as np
 from ..diffusion.randomness import stream_seed
 from .manifest import Manifest, shard_root
 from .storage import filesystem, is_transient, join, read_bytes, strip_protocol
-from .tario import iter_members, parse_index, read_exact, read_sample
+from .tario import iter_members, parse_index, read_exact, read_sample, slice_sample
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 4 << 20
@@ -180,17 +180,26 @@ class ShardReader:
         while member < stop:
             try:
                 with fs.open(strip_protocol(url), "rb", block_size=CHUNK_BYTES, cache_type="none") as f:
-                    f.seek(entries[member][0])
+                    f.seek(entries[member].offset)
                     while member < stop:
                         # one read per chunk of whole samples, parsed from memory: per-member reads
                         # through fsspec cost more CPU than the parsing itself
                         last = member + 1
                         while last < stop and entries[last][0] - entries[member][0] < CHUNK_BYTES:
                             last += 1
+                        base = entries[member][0]
                         end = entries[last][0] if last < len(entries) else shard_end
-                        members = iter_members(io.BytesIO(read_exact(f, end - entries[member][0], url)), url)
+                        chunk = read_exact(f, end - base, url)
+                        members = None
                         while member < last:
-                            key, files = read_sample(members, entries[member][1], url)
+                            # the index gives every member's offset and size: slice, checking only
+                            # the name in each header; parse the headers if the index disagrees
+                            sliced = None if members else slice_sample(chunk, base, entries[member])
+                            if sliced is None:
+                                if members is None:
+                                    members = iter_members(io.BytesIO(chunk[entries[member][0] - base:]), url)
+                                sliced = read_sample(members, len(entries[member].members), url)
+                            key, files = sliced
                             yield member, key, files
                             member += 1
                             failures = 0

@@ -12,7 +12,7 @@ import hashlib
 import io
 import tarfile
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, NamedTuple
 
 from .storage import TransientError
 
@@ -92,8 +92,13 @@ class ShardWriter:
         return "\n".join(lines) + "\n"
 
 
-def parse_index(text: str, where: str) -> list[tuple[int, int]]:
-    """(header offset, member count) of every sample in a DALI (wds2idx v1.2) index file."""
+class IndexedSample(NamedTuple):
+    offset: int                                   # header offset of the sample's first member
+    members: tuple[tuple[str, int, int, str], ...]  # (extension, data offset, size, member name)
+
+
+def parse_index(text: str, where: str) -> list[IndexedSample]:
+    """Every sample of a DALI (wds2idx v1.2) index file, with its members' offsets and sizes."""
     lines = text.strip().splitlines()
     if not lines or not lines[0].startswith("v1."):
         raise ValueError(f"{where}: not a DALI webdataset index (first line {lines[:1]})")
@@ -101,9 +106,11 @@ def parse_index(text: str, where: str) -> list[tuple[int, int]]:
     samples = []
     for line in lines[1:]:
         fields = line.split()
-        if len(fields) % 4:
+        if len(fields) % 4 or not fields:
             raise ValueError(f"{where}: malformed index line {line!r}")
-        samples.append((int(fields[1]) - BLOCK, len(fields) // 4))
+        members = tuple((fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                        for i in range(0, len(fields), 4))
+        samples.append(IndexedSample(members[0][1] - BLOCK, members))
     if len(samples) != count:
         raise ValueError(f"{where}: header says {count} samples, {len(samples)} listed")
     return samples
@@ -151,6 +158,22 @@ def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
             header[:100].rstrip(b"\0").decode()
         pending_name = None
         yield name, data
+
+
+def slice_sample(chunk: bytes, base: int, sample: IndexedSample) -> tuple[str, dict[str, bytes]] | None:
+    """The sample's files cut straight out of `chunk` (bytes from offset `base`) by the index.
+
+    None when a member's header does not carry the name the index gives (an index that does not
+    belong to this archive, or GNU long names): the caller parses the headers instead.
+    """
+    files = {}
+    for ext, offset, size, name in sample.members:
+        header = offset - BLOCK - base
+        encoded = name.encode()
+        if len(encoded) > 99 or chunk[header:header + len(encoded) + 1] != encoded + b"\0":
+            return None
+        files[ext] = chunk[offset - base:offset - base + size]
+    return split_name(sample.members[0][3])[0], files
 
 
 def read_sample(members: Iterator[tuple[str, bytes]], count: int, where: str) -> tuple[str, dict[str, bytes]]:
