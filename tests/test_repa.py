@@ -252,6 +252,17 @@ def test_features_of_other_images_or_shapes_are_refused(images, weights, tmp_pat
                              "train.global_batch=8", "train.micro_batch=8"])
     with pytest.raises(ValueError, match="64-wide features.*repa.encoder_dim=768"):
         build_loader(cfg, 0, 1)
+    # the same shard names and keys, but another version of the image set (its manifest changed)
+    import shutil
+    changed = tmp_path / "changed_images"
+    shutil.copytree(images, changed)
+    text = (changed / "manifest.json").read_text()
+    (changed / "manifest.json").write_text(text.replace('"seed": 0', '"seed": 7'))
+    cfg = load_config(None, [f"data.source={changed}", f"data.image_size={SIZE}", "model.name=pixeldit-tiny",
+                             "model.patch_size=16", "repa.mode=cached", f"repa.features={wide}", "repa.block=2",
+                             "repa.encoder_dim=32", "train.global_batch=8", "train.micro_batch=8"])
+    with pytest.raises(ValueError, match="another version of"):
+        build_loader(cfg, 0, 1)
 
 
 def test_cache_to_s3_and_stream_it_back(s3_endpoint, s3_bucket, images, weights, tmp_path):

@@ -130,8 +130,8 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
                                    f"DALI cannot skip bad samples: run `pixeldit shards verify --decode` on them "
                                    f"or use data.decoder=pil, which skips and counts them. ({e})") from e
             labels, keys, indices, stats, _, targets = pending.popleft()
-            batch = {"image": out[0]["image"].permute(0, 3, 1, 2), "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
-                     "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
+            batch = {"image": out[0]["image"].permute(0, 3, 1, 2), "label": torch.tensor(labels, dtype=torch.int64),
+                     "key": keys, "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
             if spec.features is not None:
                 batch["repa"] = stack_targets(spec, targets)
             yield batch

@@ -11,6 +11,7 @@ batches lets a new loader continue with batch k + 1.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -22,10 +23,25 @@ from torchvision.io import ImageReadMode  # also registers torch.ops.image
 
 from ..diffusion.randomness import stream_seed
 from . import images
-from .features import FeatureManifest, LockstepReader, check_mirrors, load_feature_manifest, repa_files
+from .features import (
+    FeatureManifest,
+    LockstepReader,
+    check_mirrors,
+    load_feature_manifest,
+    repa_files,
+)
 from .features import decode as decode_features
-from .manifest import Manifest, load_manifest
-from .source import EpochPlan, ReadStats, ShardReader, Split, interleave, iter_lane, lane_position
+from .manifest import Manifest, load_manifest, manifest_url
+from .source import (
+    EpochPlan,
+    ReadStats,
+    ShardReader,
+    Split,
+    interleave,
+    iter_lane,
+    lane_position,
+)
+from .storage import read_bytes
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -232,6 +248,8 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, threads: i
         for batch in lane_batches(spec, epoch, index, lane_position(batches_done, lanes, index)):
             if pin:
                 batch["image"] = batch["image"].pin_memory()
+                if "repa" in batch:
+                    batch["repa"] = batch["repa"].pin_memory()
             yield batch
 
     yield from interleave([_background(lane(i), prefetch) for i in range(lanes)], start=batches_done % lanes)
@@ -321,6 +339,11 @@ def build_loader(cfg, rank: int, world_size: int, device: str = "cpu") -> ShardL
     if cfg.repa.mode == "cached":
         features = load_feature_manifest(cfg.repa.features, options)
         check_feature_set(features, manifest, cfg)
+        images_sha256 = hashlib.sha256(read_bytes(manifest_url(data.source), options)).hexdigest()
+        if features.images_sha256 != images_sha256:
+            raise ValueError(f"repa.features={cfg.repa.features}: computed from another version of "
+                             f"{manifest_url(data.source)} (image manifest sha256 {features.images_sha256[:12]}..., "
+                             f"now {images_sha256[:12]}...); rerun `pixeldit repa-cache`")
     spec = LoaderSpec(manifest=manifest, root=data.source, image_size=data.image_size, batch=per_rank,
                       seed=cfg.train.seed, split=Split(world_size, rank, lanes, per_rank),
                       window=data.shuffle_window, hflip=data.hflip, options=options, retries=data.retries,

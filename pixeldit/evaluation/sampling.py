@@ -311,6 +311,14 @@ def sample_to_npz(model: PixelDiT, out_path: str, *, classes=None, per_class: in
         answer = box[0]
     if isinstance(answer, Exception):
         raise answer
+    if world_size > 1:
+        # parts go to one folder that rank 0 assembles: every rank must see it (a shared filesystem)
+        sees = torch.tensor([float(os.path.exists(os.path.join(folder, SETTINGS_FILE)))],
+                            device=_collective_device(device))
+        dist.all_reduce(sees, op=dist.ReduceOp.MIN)
+        if sees.item() < 1:
+            raise FileNotFoundError(f"{folder}: not visible from every rank; several nodes need --out on a "
+                                    f"filesystem they share")
     todo = np.setdiff1d(np.arange(n, dtype=np.int64), answer)
     batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
     mine = batches[rank::world_size]

@@ -141,8 +141,6 @@ class DinoV2Encoder(nn.Module):
         self.vit = vit.eval().requires_grad_(False)
         self.image_size, self.input_size = image_size, encoder_input_size(image_size)
         self.name, self.weights, self.digest = name, weights, digest
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @property
     def dim(self) -> int:
@@ -159,7 +157,10 @@ class DinoV2Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"encoder built for {self.image_size}² images, got {tuple(images.shape[-2:])}")
-        x = ((images.float() + 1) / 2 - self.mean) / self.std
+        # the constants stay fp32 whatever dtype the encoder was cast to (bf16 would round 0.485 to 0.484)
+        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+        x = ((images.float() + 1) / 2 - mean) / std
         x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
         dtype = next(self.vit.parameters()).dtype
         tokens = self.vit.forward_features(x.to(dtype))

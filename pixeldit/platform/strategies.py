@@ -19,18 +19,21 @@ import contextlib
 import json
 import math
 import os
+import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import (dcp_load, dcp_save, exists, join, load_torch, local_folder, remove, save_torch,
-                         write_text)
+from .checkpoint import (dcp_load, dcp_save, exists, join, load_torch, local_folder, read_text, remove,
+                         save_torch, write_text)
 from .ema import Fragment
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 UNIVERSAL = "universal"       # engine/universal/: a ZeRO checkpoint converted for another world size
 CONVERTED = "converted.json"  # written last into it: a folder without it is a crashed conversion
+CONVERSION_FAILED = "failed.txt"
+UNIVERSAL_WAIT_S = 6 * 3600
 
 
 class TrainModule(nn.Module):
@@ -295,11 +298,22 @@ class ZeroStrategy(Strategy):
     def _universal(self, path: str, saved_world: int) -> str:
         """Convert `path/engine` (ZeRO partitions of `saved_world` ranks) into DeepSpeed's universal
         layout `path/universal` (one file per parameter and state) on rank 0, once per checkpoint."""
-        target, error, failure = join(path, UNIVERSAL), None, None
-        if self.rank == 0 and not exists(join(target, CONVERTED)):
+        target = join(path, UNIVERSAL)
+        done, failed = join(target, CONVERTED), join(target, CONVERSION_FAILED)
+        needed = [self.rank == 0 and not exists(done)]
+        if dist.is_initialized():
+            dist.broadcast_object_list(needed, src=0)
+        if not needed[0]:
+            return UNIVERSAL
+        if self.rank == 0:
+            remove(target)  # a conversion that crashed midway, or an old failure marker
+        if dist.is_initialized():
+            dist.barrier()
+        where = f"{join(path, 'engine')}: converting a checkpoint of {saved_world} ranks to DeepSpeed's universal " \
+                f"format for {self.world}"
+        if self.rank == 0:
             try:
                 from deepspeed.checkpoint import ds_to_universal
-                remove(target)  # a conversion that crashed midway
                 with local_folder(join(path, "engine"), download=True) as source, \
                         local_folder(target, upload=True) as out:
                     # one worker: the pool forks this process, process group and all
@@ -307,16 +321,20 @@ class ZeroStrategy(Strategy):
                                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                                               inject_missing_state=True)
                     ds_to_universal.main(args)
-                write_text(join(target, CONVERTED), json.dumps({"from_world": saved_world}))  # last: the commit
-            except Exception as e:  # noqa: BLE001 - every rank raises it below instead of waiting for rank 0
-                error, failure = f"{type(e).__name__}: {e}", e
-        if dist.is_initialized():
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error:
-            raise RuntimeError(f"{join(path, 'engine')}: converting a checkpoint of {saved_world} ranks to "
-                               f"DeepSpeed's universal format for {self.world} failed on rank 0: {error}") from failure
+                write_text(done, json.dumps({"from_world": saved_world}))  # last: the commit
+            except Exception as e:
+                write_text(failed, f"{type(e).__name__}: {e}")
+                raise RuntimeError(f"{where} failed: {type(e).__name__}: {e}") from e
+            return UNIVERSAL
+        # the other ranks poll the markers instead of waiting in a collective: converting XL's optimizer
+        # state on shared or object storage can outlast distributed.timeout_s and the NCCL watchdog
+        deadline = time.monotonic() + UNIVERSAL_WAIT_S
+        while not exists(done):
+            if exists(failed):
+                raise RuntimeError(f"{where} failed on rank 0: {read_text(failed)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{where}: rank 0 did not finish within {UNIVERSAL_WAIT_S} s")
+            time.sleep(2.0)
         return UNIVERSAL
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -249,8 +249,10 @@ class Trainer:
                 self.strategy.backward(total.mean() / divisor)
             loss_sum += per_sample.detach().double().sum().cpu()
         finite = torch.isfinite(loss_sum) and torch.isfinite(repa_sum)
+        # on the device: an NCCL process group has no CPU backend
         flags = torch.tensor([loss_sum.item(), float(len(batch["key"])), 0.0 if finite else 1.0,
-                              1.0 if self.stop_requested else 0.0, repa_sum.item()], dtype=torch.float64)
+                              1.0 if self.stop_requested else 0.0, repa_sum.item()], dtype=torch.float64,
+                             device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flags)
         loss = flags[0].item() / max(flags[1].item(), 1.0)
