@@ -112,7 +112,8 @@ def cmd_train(args) -> int:
     if trainer.rank == 0:
         run = os.path.abspath(trainer.run_dir)
         print(f"trained {state.step} steps ({state.skipped} skipped) in {run}")
-        print(f"  checkpoints   {trainer.checkpoint_root} (pixeldit export {run} model.safetensors)")
+        root = trainer.checkpoint_root if "://" in trainer.checkpoint_root else os.path.abspath(trainer.checkpoint_root)
+        print(f"  checkpoints   {root} (pixeldit export {run} model.safetensors)")
         print(f"  tensorboard   tensorboard --logdir {os.path.join(run, 'tensorboard')}")
         if trainer.last_preview:
             print(f"  EMA samples   {os.path.abspath(trainer.last_preview)} (one row per class)")
