@@ -63,6 +63,19 @@ def test_eval_sampling_does_not_depend_on_the_world_size(synthetic_shards, fid_f
     two = run_distributed(_evaluate_fixed, 2, synthetic_shards, str(tmp_path / "b"), inception, reference, export,
                           timeout=300)[0]
     assert abs(one["eval/fid_6"] - two["eval/fid_6"]) <= 1e-6 * one["eval/fid_6"]
+    # and the same grid: image i sits at position i whichever rank sampled it
+    grids = [_grid(str(tmp_path / name)) for name in ("a", "b")]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() <= 1
+
+
+def _grid(run_dir):
+    import io
+
+    from PIL import Image
+
+    from tests.test_trainer import scalars
+    encoded = scalars(run_dir).Images("eval/samples")[-1].encoded_image_string
+    return np.asarray(Image.open(io.BytesIO(encoded)), dtype=np.int16)
 
 
 def _evaluate_fixed(rank, world, data, run_dir, inception, reference, weights_path):

@@ -75,14 +75,17 @@ class InLoopEvaluator:
             evaluations += out.image_evaluations
             if stats is not None:
                 stats.update(images)
-            if rank == 0 and len(grid) < GRID_IMAGES:
-                grid.extend(images[:GRID_IMAGES - len(grid)].cpu())
+            grid.extend((i, image) for i, image in zip(indices, images.cpu()) if i < GRID_IMAGES)
         sums = [torch.tensor(float(evaluations), dtype=torch.float64, device=self.device)]
         if stats is not None:
             sums += [stats.count, stats.total, stats.outer]
         if dist.is_initialized():
             for tensor in sums:
                 dist.all_reduce(tensor)
+            # the grid's images come from every rank: the same grid whatever the world size
+            everyone = [None] * world if rank == 0 else None
+            dist.gather_object(grid, everyone, dst=0)
+            grid = [item for part in everyone for item in part] if rank == 0 else []
         metrics = {"eval/image_evaluations_per_image": sums[0].item() / count,
                    "eval/seconds": time.perf_counter() - start}
         if stats is not None and rank == 0:
@@ -91,8 +94,8 @@ class InLoopEvaluator:
             metrics[f"eval/fid_{e.num_images}"] = stats.fid(mu, sigma, method="eigh")
         if rank == 0:
             from torchvision.utils import make_grid
-            trainer.monitor.add_images("eval/samples", make_grid(torch.stack(grid), nrow=8, padding=1),
-                                       trainer.state.step)
+            ordered = torch.stack([image for _, image in sorted(grid, key=lambda item: item[0])])
+            trainer.monitor.add_images("eval/samples", make_grid(ordered, nrow=8, padding=1), trainer.state.step)
             trainer.monitor.add_scalars(metrics, trainer.state.step)
             log.info("eval at step %d: %s", trainer.state.step,
                      "  ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in metrics.items()))
