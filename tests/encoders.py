@@ -1,4 +1,4 @@
-"""Test-sized DINOv2 weights in Meta's release layout (pretrained ones cannot be downloaded here)."""
+"""Pretrained weights cannot be downloaded here: random ones in the released layouts (DINOv2, FID Inception)."""
 
 import torch
 
@@ -30,3 +30,21 @@ def meta_state_dict(dim=64, depth=2, swiglu=False, seed=0, unit_norm=True) -> di
 def save_meta_weights(path, **kwargs) -> str:
     torch.save(meta_state_dict(**kwargs), path)
     return str(path)
+
+
+def fid_inception_state(seed=0) -> dict[str, torch.Tensor]:
+    """Random weights in pytorch-fid's layout: torchvision's Inception-v3, 1008 classes, no aux head."""
+    import torchvision
+    layout = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in layout.state_dict().items():
+        if key.endswith("num_batches_tracked"):  # absent from the converted files
+            continue
+        if key.endswith("conv.weight"):  # He scale keeps activations O(1) through 94 layers
+            state[key] = torch.randn(value.shape, generator=g) * (2.0 / value[0].numel()) ** 0.5
+        elif key.endswith(("running_var", "bn.weight")):
+            state[key] = 1.0 + 0.1 * torch.rand(value.shape, generator=g)
+        else:
+            state[key] = 0.05 * torch.randn(value.shape, generator=g)
+    return state

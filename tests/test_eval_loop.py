@@ -5,29 +5,17 @@ import os
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from pixeldit.platform.config import ConfigError, load_config
 from tests.dist import run_distributed
+from tests.encoders import fid_inception_state
 
 
 @pytest.fixture(scope="module")
 def fid_files(tmp_path_factory):
     """Random Inception weights in pytorch-fid's layout and a small reference batch of images."""
     root = tmp_path_factory.mktemp("fid")
-    layout = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for key, value in layout.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        if key.endswith("conv.weight"):
-            state[key] = torch.randn(value.shape, generator=g) * (2.0 / value[0].numel()) ** 0.5
-        elif key.endswith(("running_var", "bn.weight")):
-            state[key] = 1.0 + 0.1 * torch.rand(value.shape, generator=g)
-        else:
-            state[key] = 0.05 * torch.randn(value.shape, generator=g)
-    torch.save(state, root / "inception.pth")
+    torch.save(fid_inception_state(), root / "inception.pth")
     images = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3)).astype(np.uint8)
     np.savez(root / "reference.npz", arr_0=images)
     return str(root / "inception.pth"), str(root / "reference.npz")

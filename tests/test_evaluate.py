@@ -129,18 +129,8 @@ def test_precision_recall_on_constructed_sets():
 @pytest.fixture(scope="module")
 def fid_weights(tmp_path_factory):
     """Random weights in pytorch-fid's layout: torchvision's Inception-v3, 1008 classes, no aux head."""
-    layout = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for key, value in layout.state_dict().items():
-        if key.endswith("num_batches_tracked"):  # absent from the converted files
-            continue
-        if key.endswith("conv.weight"):  # He scale keeps activations O(1) through 94 layers
-            state[key] = torch.randn(value.shape, generator=g) * (2.0 / value[0].numel()) ** 0.5
-        elif key.endswith(("running_var", "bn.weight")):
-            state[key] = 1.0 + 0.1 * torch.rand(value.shape, generator=g)
-        else:
-            state[key] = 0.05 * torch.randn(value.shape, generator=g)
+    from tests.encoders import fid_inception_state
+    state = fid_inception_state()
     path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(state, path)
     return str(path), state
