@@ -11,7 +11,6 @@ batches lets a new loader continue with batch k + 1.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -31,7 +30,7 @@ from .features import (
     repa_files,
 )
 from .features import decode as decode_features
-from .manifest import Manifest, load_manifest, manifest_url
+from .manifest import Manifest, manifest_url, read_manifest
 from .source import (
     EpochPlan,
     ReadStats,
@@ -41,7 +40,6 @@ from .source import (
     iter_lane,
     lane_position,
 )
-from .storage import read_bytes
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -330,7 +328,7 @@ def build_loader(cfg, rank: int, world_size: int, device: str = "cpu") -> ShardL
     """The trainer's entry point: cfg is the full Config (data and train sections are read)."""
     data = cfg.data
     options = {"endpoint_url": data.endpoint_url} if data.endpoint_url else None
-    manifest = load_manifest(data.source, options)
+    manifest, images_sha256 = read_manifest(data.source, options)
     if cfg.train.global_batch % world_size:
         raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by the world size {world_size}")
     per_rank = cfg.train.global_batch // world_size
@@ -338,12 +336,7 @@ def build_loader(cfg, rank: int, world_size: int, device: str = "cpu") -> ShardL
     features = None
     if cfg.repa.mode == "cached":
         features = load_feature_manifest(cfg.repa.features, options)
-        check_feature_set(features, manifest, cfg)
-        images_sha256 = hashlib.sha256(read_bytes(manifest_url(data.source), options)).hexdigest()
-        if features.images_sha256 != images_sha256:
-            raise ValueError(f"repa.features={cfg.repa.features}: computed from another version of "
-                             f"{manifest_url(data.source)} (image manifest sha256 {features.images_sha256[:12]}..., "
-                             f"now {images_sha256[:12]}...); rerun `pixeldit repa-cache`")
+        check_feature_set(features, manifest, images_sha256, cfg)
     spec = LoaderSpec(manifest=manifest, root=data.source, image_size=data.image_size, batch=per_rank,
                       seed=cfg.train.seed, split=Split(world_size, rank, lanes, per_rank),
                       window=data.shuffle_window, hflip=data.hflip, options=options, retries=data.retries,
@@ -352,10 +345,14 @@ def build_loader(cfg, rank: int, world_size: int, device: str = "cpu") -> ShardL
     return ShardLoader(spec, data.decoder, data.num_workers, device)
 
 
-def check_feature_set(features: FeatureManifest, images: Manifest, cfg):
+def check_feature_set(features: FeatureManifest, images: Manifest, images_sha256: str, cfg):
     """Refuse a feature cache that does not belong to this data, resolution, encoder or flip setting."""
     where = f"repa.features={cfg.repa.features}"
     check_mirrors(features, images, where)
+    if features.images_sha256 != images_sha256:
+        raise ValueError(f"{where}: computed from another version of {manifest_url(cfg.data.source)} (image "
+                         f"manifest sha256 {features.images_sha256[:12]}..., now {images_sha256[:12]}...); "
+                         f"rerun `pixeldit repa-cache`")
     tokens = (cfg.data.image_size // cfg.model.arch().patch_size) ** 2
     if features.image_size != cfg.data.image_size or features.tokens != tokens:
         raise ValueError(f"{where}: cached for {features.image_size}px images ({features.tokens} tokens); "

@@ -6,6 +6,7 @@ policy, the class list and every source item that was skipped (with why).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -90,12 +91,17 @@ def shard_root(url: str) -> str:
 
 
 def load_manifest(root: str, options: dict | None = None) -> Manifest:
+    return read_manifest(root, options)[0]
+
+
+def read_manifest(root: str, options: dict | None = None) -> tuple[Manifest, str]:
+    """The manifest and the sha256 of its bytes (what a REPA feature cache records of its images)."""
     url = manifest_url(root)
     try:
-        text = read_bytes(url, options).decode()
+        data = read_bytes(url, options)
     except FileNotFoundError:
         raise FileNotFoundError(f"no shard manifest at {url} (write shards with `pixeldit shards write`)") from None
-    return Manifest.from_json(text, url)
+    return Manifest.from_json(data.decode(), url), hashlib.sha256(data).hexdigest()
 
 
 def save_manifest(root: str, manifest: Manifest, options: dict | None = None, name: str = MANIFEST):

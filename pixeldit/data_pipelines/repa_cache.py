@@ -12,7 +12,6 @@ manifest (the loader skips that image anyway, so they are never used).
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from ..models.dinov2 import DinoV2Encoder
 from .features import DTYPES, FLIPS, FeatureManifest, encode, save_feature_manifest
 from .loader import batched, decode_image, image_bytes
-from .manifest import ShardInfo, load_manifest, manifest_url
+from .manifest import ShardInfo, read_manifest
 from .source import ShardReader
 from .storage import exists, filesystem, join, protocol_of, read_bytes, strip_protocol, write_bytes
 from .writer import OpenShard
@@ -45,10 +44,9 @@ def cache_features(data: str, out: str, encoder: DinoV2Encoder, *, dtype: str = 
 
     if dtype not in DTYPES or flip not in FLIPS:
         raise ValueError(f"dtype={dtype!r} / flip={flip!r}: expected one of {DTYPES} / {FLIPS}")
-    images_text = read_bytes(manifest_url(data), options)
-    images = load_manifest(data, options)
+    images, images_sha256 = read_manifest(data, options)
     settings = {"encoder": encoder.name, "weights_sha256": encoder.digest, "image_size": encoder.image_size,
-                "dtype": dtype, "flip": flip, "images_sha256": hashlib.sha256(images_text).hexdigest()}
+                "dtype": dtype, "flip": flip, "images_sha256": images_sha256}
     reader = ShardReader(images, data, options, skip_failed=False)
     crop = not (images.image.mode == "adm" and images.image.size == encoder.image_size)
     device = next(encoder.parameters()).device
@@ -146,16 +144,13 @@ def _finish(out: str, images, encoder: DinoV2Encoder, settings: dict, options) -
 
 
 def run_repa_cache_command(args) -> int:
-    import datetime
-
+    from ..launchers.environment import join_process_group
     from ..models.dinov2 import load_dinov2
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    # a long timeout: ranks with more or bigger shards reach the final barrier later
+    rank, world, local_rank, started = join_process_group(cuda, timeout_s=2 * 3600)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
     # bf16 on GPUs (as in training's online mode); fp32 on CPU, where bf16 matmuls are emulated
     encoder = load_dinov2(args.encoder, args.image_size, device, torch.bfloat16 if cuda else torch.float32)
@@ -167,6 +162,6 @@ def run_repa_cache_command(args) -> int:
         print(f"{args.out}: {manifest.num_samples} samples, {manifest.tokens} x {manifest.dim} {manifest.dtype} "
               f"(flip {manifest.flip}), {manifest.sample_bytes() / 1024:.0f} KiB/image, {total / 2**30:.2f} GiB; "
               f"{len(manifest.unreadable)} unreadable images")
-    if dist.is_initialized():
+    if started:
         dist.destroy_process_group()
     return 0

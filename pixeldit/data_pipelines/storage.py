@@ -98,6 +98,8 @@ def write_bytes(url: str, data: bytes, options: dict | None = None, attempts: in
         tmp = f"{path}.tmp.{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the bytes (manifests, checkpoint markers)
         os.replace(tmp, path)
         return
     with_retries(url, lambda: fs.pipe_file(path, data), attempts)

@@ -370,20 +370,6 @@ def sample_to_npz(model: PixelDiT, out_path: str, *, classes=None, per_class: in
 # ---------------------------------------------------------------- the command
 
 
-def _init_distributed(device_arg: str | None) -> tuple[int, int, int, bool]:
-    """(rank, world, local rank, whether we started the process group): torchrun sets the environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world <= 1 or dist.is_initialized():
-        rank, world = _world()
-        return rank, world, local_rank, False
-    use_cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), local_rank, True
-
-
 def _device(device_arg: str | None, local_rank: int) -> torch.device:
     if device_arg in (None, "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
@@ -398,7 +384,9 @@ def _describe_classes(classes: list[int] | None, num_classes: int) -> str:
 
 
 def run_sample_command(args) -> int:
-    rank, world, local_rank, started = _init_distributed(args.device)
+    from ..launchers.environment import join_process_group
+    cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
+    rank, world, local_rank, started = join_process_group(cuda)
     try:
         device = _device(args.device, local_rank)
         model, source = load_sampling_model(args.source, args.weights, device)

@@ -141,6 +141,8 @@ class DinoV2Encoder(nn.Module):
         self.vit = vit.eval().requires_grad_(False)
         self.image_size, self.input_size = image_size, encoder_input_size(image_size)
         self.name, self.weights, self.digest = name, weights, digest
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @property
     def dim(self) -> int:
@@ -157,10 +159,7 @@ class DinoV2Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"encoder built for {self.image_size}² images, got {tuple(images.shape[-2:])}")
-        # the constants stay fp32 whatever dtype the encoder was cast to (bf16 would round 0.485 to 0.484)
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-        x = ((images.float() + 1) / 2 - mean) / std
+        x = ((images.float() + 1) / 2 - self.mean) / self.std
         x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
         dtype = next(self.vit.parameters()).dtype
         tokens = self.vit.forward_features(x.to(dtype))
@@ -182,4 +181,7 @@ def load_dinov2(weights: str, image_size: int = 256, device="cpu", dtype=torch.f
                          f"missing {missing[:4]}, unexpected {unexpected[:4]}")
     name = next((n for n, s in SIZES.items() if s[:2] == (size["embed_dim"], size["depth"])),
                 f"dinov2-custom-{size['embed_dim']}x{size['depth']}")
-    return DinoV2Encoder(vit, image_size, name, where, digest).to(device=device, dtype=dtype)
+    encoder = DinoV2Encoder(vit, image_size, name, where, digest).to(device)
+    # only the ViT takes `dtype`: the mean/std buffers stay fp32 (bf16 would round 0.485 to 0.484)
+    encoder.vit.to(dtype)
+    return encoder

@@ -76,11 +76,6 @@ def exists(url: str) -> bool:
 
 
 def read_text(url: str) -> str | None:
-    if not is_remote(url):
-        if not os.path.exists(url):
-            return None
-        with open(url) as f:
-            return f.read()
     try:
         return storage.read_bytes(url, storage_options(url)).decode()
     except FileNotFoundError:
@@ -88,15 +83,8 @@ def read_text(url: str) -> str | None:
 
 
 def write_text(url: str, text: str):
-    if is_remote(url):
-        storage.write_bytes(url, text.encode(), storage_options(url))  # one PUT: all or nothing
-        return
-    tmp = f"{url}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, url)
+    # all or nothing: one PUT on object storage, a temporary name and a rename locally
+    storage.write_bytes(url, text.encode(), storage_options(url))
 
 
 def save_torch(obj, url: str):

@@ -10,7 +10,6 @@ ranks skip, save and stop together.
 from __future__ import annotations
 
 import collections
-import datetime
 import logging
 import os
 import random
@@ -45,23 +44,15 @@ class TrainState:
 
 
 def setup_distributed(cfg) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from ..launchers.environment import join_process_group
+
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    elif "OMP_NUM_THREADS" not in os.environ:
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:
         # CPU runs: one intra-op thread per process unless told otherwise. Small models gain little
         # from more, and OpenMP's spin-waiting turns any competing process into a 10-20x slowdown
         torch.set_num_threads(1)
-    if world > 1 and not dist.is_initialized():
-        backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if cuda else "gloo")
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return rank, world, device
+    rank, world, local_rank, _ = join_process_group(cuda, cfg.distributed.backend, cfg.distributed.timeout_s)
+    return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
 def check_world(cfg, world: int):
