@@ -8,7 +8,7 @@ loader only decodes). Per set it times whole epochs (each reads the set `--passe
 
 * ours: ShardLoader with the PIL decoder in W DataLoader workers (W lanes), and with DALI (CPU);
 * plain: the ~20-line webdataset + PIL + ToTensor pipeline a user would write, W workers;
-* bound: the fastest full JPEG decode here (PIL or torchvision; plus the ADM crop on
+* bound: the fastest full JPEG decode here (PIL, torchvision or simplejpeg; plus the ADM crop on
   "original") of the same bytes, already in memory, on W processes. No I/O, no batching.
   PIL on 1 process too: if it is as fast as W processes, other jobs left us one core.
 
@@ -140,6 +140,15 @@ def _decode_torchvision(name: str, crop: int, i: int) -> float:
     return time.process_time() - start
 
 
+def _decode_simplejpeg(name: str, crop: int, i: int) -> float:
+    import simplejpeg
+    start = time.process_time()
+    rgb = simplejpeg.decode_jpeg(_BYTES[name][i], "RGB")
+    if crop:
+        images.adm_center_crop(Image.fromarray(rgb), crop)
+    return time.process_time() - start
+
+
 def bound(pool, procs: int, fn, name: str, crop: int, args):
     indices = list(range(len(_BYTES[name]))) * args.passes
     task = functools.partial(fn, name, crop)
@@ -206,6 +215,7 @@ def main():
         runners[name, f"plain wds+PIL ({W} workers)"] = plain(root, bool(crop), W, args)
         runners[name, f"bound PIL ({W} procs)"] = bound(pools[0], W, _decode_pil, name, crop, args)
         runners[name, f"bound torchvision ({W} procs)"] = bound(pools[0], W, _decode_torchvision, name, crop, args)
+        runners[name, f"bound simplejpeg ({W} procs)"] = bound(pools[0], W, _decode_simplejpeg, name, crop, args)
         runners[name, "bound PIL (1 proc)"] = bound(pools[1], 1, _decode_pil, name, crop, args)
 
     runs = {key: [] for key in runners}

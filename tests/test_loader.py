@@ -1,10 +1,12 @@
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader, build_loader, to_model_input
+from pixeldit.data_pipelines.loader import BatchBuffers, LoaderSpec, ShardLoader, build_loader, to_model_input
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.data_pipelines.source import EpochPlan, Split
 from pixeldit.platform.config import load_config
@@ -58,6 +60,39 @@ def test_workers_give_the_order_of_in_process_lanes(synthetic_shards):
     # more lanes than batches for some lane counts: nobody fails, nothing is lost
     many = ShardLoader(spec_for(synthetic_shards, batch=32, lanes=8), num_workers=0)
     assert len(keys_of(many)) == 230 // 32 * 32
+
+
+def test_batch_memory_is_reused_only_once_no_tensor_refers_to_it():
+    buffers = BatchBuffers()
+    first = buffers.take((2, 4, 4, 3))
+    address = first.data_ptr()
+    view = first[1:].permute(0, 3, 1, 2)  # what a consumer keeps of a batch: a view
+    del first
+    second = buffers.take((2, 4, 4, 3))
+    assert second.data_ptr() != address
+    del view, second
+    assert buffers.take((2, 4, 4, 3)).data_ptr() == address
+    assert buffers.take((3, 4, 4, 3)).shape == (3, 4, 4, 3)  # another shape: its own memory
+
+
+def test_kept_batches_keep_their_pixels_while_the_lanes_run_on(synthetic_shards):
+    spec = spec_for(synthetic_shards, lanes=2)
+    kept = [b["image"] for b in ShardLoader(spec, num_workers=2)]  # every batch held: nothing recycled
+    once_each = [b["image"].clone() for b in ShardLoader(spec, num_workers=2)]  # dropped at once: recycled
+    assert len(kept) > 2 * 8  # more batches than any lane's pool keeps
+    assert all(torch.equal(a, b) for a, b in zip(kept, once_each, strict=True))
+
+
+def test_lane_threads_end_when_the_consumer_stops_early(synthetic_shards):
+    before = threading.active_count()
+    batches = iter(ShardLoader(spec_for(synthetic_shards, lanes=3), num_workers=3, prefetch=1))
+    next(batches)
+    assert threading.active_count() == before + 3  # every lane started with the epoch
+    batches.close()
+    deadline = time.monotonic() + 20
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
 
 
 @pytest.mark.parametrize("decoder, workers", [("pil", 2), ("dali", 2), ("pil", 0)])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 from PIL import Image
 
 # a 100-megapixel image is larger than any ImageNet photo; beyond it, refuse rather than OOM a worker
@@ -67,7 +66,3 @@ def encode(img: Image.Image, fmt: str, quality: int = 95) -> bytes:
         img.save(out, "PNG", compress_level=6)
     return out.getvalue()
 
-
-def to_chw_uint8(img: Image.Image) -> np.ndarray:
-    # np.array, not asarray: PIL hands over immutable bytes, and torch wants writable memory
-    return np.array(img, dtype=np.uint8).transpose(2, 0, 1)

@@ -12,13 +12,14 @@ batches lets a new loader continue with batch k + 1.
 from __future__ import annotations
 
 import logging
-import queue
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
+import simplejpeg
 import torch
-from torchvision.io import ImageReadMode  # also registers torch.ops.image
 
 from ..diffusion.randomness import stream_seed
 from . import images
@@ -99,75 +100,109 @@ def label_of(files: dict[str, bytes], where: str) -> int:
         raise ValueError(f"{where}: sample has no integer .cls label") from None
 
 
-def decode_jpeg_rgb(data: torch.Tensor) -> torch.Tensor:
-    # the op under torchvision.io.decode_jpeg: its Python wrapper warns (deprecation) and logs API
-    # usage on every call, ~6% of a 256² decode (torchvision is pinned in pyproject.toml)
-    return torch.ops.image.decode_jpeg(data, ImageReadMode.RGB.value, False)
+def cpu_decode_into(spec: LoaderSpec, data: bytes, out: np.ndarray) -> None:
+    decode_into(data, out, spec.needs_resize())
 
 
-def cpu_decode(spec: LoaderSpec, data: bytes) -> torch.Tensor:
-    return decode_image(data, spec.image_size, spec.needs_resize())
+def decode_into(data: bytes, out: np.ndarray, crop: bool) -> None:
+    """Decode into `out`, (S, S, 3) uint8 in pixel order: the image's slot in its batch.
 
-
-def decode_image(data: bytes, size: int, crop: bool) -> torch.Tensor:
-    """(3, S, S) uint8. Pre-cropped RGB JPEGs go through torchvision's libjpeg-turbo decoder
-    (the same pixels as Pillow's, about 20% less CPU, straight to CHW); anything else, and
-    every image that needs the ADM crop, through Pillow."""
+    Pre-cropped YCbCr / grayscale JPEGs (everything the shard writer re-encodes) go through
+    simplejpeg's libjpeg-turbo, which writes straight into the slot: the same pixels as Pillow's,
+    without the decoder-owned image and the copy that batching it would cost (~10% of a 256²
+    decode). Anything else, and every image that needs the ADM crop, goes through Pillow.
+    """
+    size = out.shape[0]
     if not crop and data[:3] == b"\xff\xd8\xff":
         try:
-            image = decode_jpeg_rgb(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            if image.shape == (3, size, size):
-                return image
-        except RuntimeError:
-            pass  # unusual JPEG (CMYK, lossless...): Pillow below knows it or says why not
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if (height, width) == (size, size) and colorspace in ("YCbCr", "Gray"):
+                simplejpeg.decode_jpeg(data, "RGB", buffer=out)
+                return
+        except ValueError:
+            pass  # truncated or unusual: Pillow below decodes it or says why not
     img = images.decode_rgb(data)
     if crop or img.size != (size, size):
         img = images.adm_center_crop(img, size)
-    return torch.from_numpy(images.to_chw_uint8(img))
+    out[...] = np.asarray(img)
 
 
-def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats) -> dict:
-    """Decode and stack one batch; a sample that will not decode is skipped and counted."""
-    arrays, labels, keys, indices, targets = [], [], [], [], []
+def decode_image(data: bytes, size: int, crop: bool) -> torch.Tensor:
+    """(3, S, S) uint8 (a view of pixel-order memory), for callers that decode one image at a time."""
+    out = np.empty((size, size, 3), dtype=np.uint8)
+    decode_into(data, out, crop)
+    return torch.from_numpy(out).permute(2, 0, 1)
+
+
+class BatchBuffers:
+    """Host memory for a loader's batches, handed out again once nothing refers to it.
+
+    A fresh 6 MB batch costs its page faults on every step; recycled buffers are already
+    mapped. `torch.from_numpy` keeps a reference to its array for as long as any tensor or view
+    of that memory lives, so an array referenced only by this pool is free. On CUDA hosts the
+    buffers come from PyTorch's pinned-memory cache instead, which also waits for asynchronous
+    copies out of a block before reusing it, and saves the copy `pin_memory()` would make.
+    One pool serves all decode threads (and outlives epochs): the lock makes check-and-take atomic.
+    """
+
+    def __init__(self, pinned: bool = False, keep: int = 16):
+        self.pinned, self.keep = pinned, keep
+        self.arrays: list[np.ndarray] = []
+        self.lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.pinned:
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        with self.lock:
+            for array in self.arrays:
+                # references: the pool's list, this loop's name, getrefcount's argument
+                if array.shape == shape and sys.getrefcount(array) == 3:
+                    return torch.from_numpy(array)
+            array = np.empty(shape, dtype=np.uint8)
+            if len(self.arrays) < self.keep:  # a consumer that hoards batches gets fresh ones
+                self.arrays.append(array)
+            return torch.from_numpy(array)
+
+
+def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats, buffers: BatchBuffers) -> dict:
+    """Decode one batch; a sample that will not decode is skipped and counted.
+
+    Each image is decoded into its slot of the batch. The batch is (B, 3, H, W) in channels-last
+    memory: JPEG decoders produce interleaved pixels, and a CHW batch would transpose every image
+    (measured 15 ms per 32 × 256² batch, a third of the decode time). The device-side float
+    conversion absorbs the layout.
+    """
+    size = spec.image_size
+    pixels = buffers.take((len(samples), size, size, 3))
+    slots = pixels.numpy()
+    labels, keys, indices, targets = [], [], [], []
     for raw in samples:
         if raw is None:
             continue
         data = image_bytes(raw.files)
+        slot = slots[len(keys)]
         try:
             if data is None:
                 raise ValueError(f"no image among {sorted(raw.files)}")
-            array = cpu_decode(spec, data)
+            cpu_decode_into(spec, data, slot)
         except Exception as e:  # noqa: BLE001 - a corrupt image must not stop the run
             stats.corrupt += 1
             log.warning("skipping sample %r: %s: %s", raw.key, type(e).__name__, e)
             continue
         flipped = spec.hflip and flip_coin(spec.seed, epoch, raw.canonical)
         if flipped:
-            array = array.flip(-1)
+            slot[...] = slot[:, ::-1]  # numpy buffers the overlapping read
         if spec.features is not None:
             targets.append(sample_target(spec, raw, flipped))
-        arrays.append(array)
         labels.append(label_of(raw.files, raw.key))
         keys.append(raw.key)
         indices.append(raw.canonical)
-    size = spec.image_size
-    image = stack_images(arrays) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    image = pixels[:len(keys)].permute(0, 3, 1, 2)
     batch = {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
              "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
     if spec.features is not None:
         batch["repa"] = stack_targets(spec, targets)
     return batch
-
-
-def stack_images(arrays: list[torch.Tensor]) -> torch.Tensor:
-    """(B, 3, H, W) uint8 in channels-last memory.
-
-    Every decoder hands out (3, H, W) views of interleaved (H, W, 3) pixels; stacking them as
-    CHW would transpose each image on the way (measured 15 ms per 32 × 256² batch, a third of the
-    decode time), while copying them in pixel order is a plain memcpy. The model input is the same
-    shape; the device-side float conversion absorbs the layout for free.
-    """
-    return torch.stack([a.permute(1, 2, 0) for a in arrays]).permute(0, 3, 1, 2)
 
 
 def stack_targets(spec: LoaderSpec, targets: list[torch.Tensor]) -> torch.Tensor:
@@ -188,69 +223,87 @@ def batched(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def lane_batches(spec: LoaderSpec, epoch: int, lane: int, start_batch: int, decode: bool = True) -> Iterator[dict]:
+def lane_batches(spec: LoaderSpec, epoch: int, lane: int, start_batch: int, decode: bool = True,
+                 buffers: BatchBuffers | None = None) -> Iterator[dict]:
     plan = EpochPlan(spec.manifest, spec.seed, epoch, spec.split)
     reader = ShardReader(spec.manifest, spec.root, spec.options, spec.retries, spec.skip_failed)
     if spec.features is not None:
         reader = LockstepReader(reader, ShardReader(spec.features, spec.features_root, spec.options, spec.retries,
                                                     spec.skip_failed))
     samples = iter_lane(plan, reader, lane, spec.window, start_batch * spec.batch)
+    buffers = buffers or BatchBuffers()
     for group in batched(samples, spec.batch):
         if len(group) != spec.batch:
             raise AssertionError("lanes are batch-aligned; a partial batch means a planning bug")
         stats, reader.stats = reader.stats, ReadStats()
-        yield _collate(spec, epoch, group, stats) if decode else (group, stats)
-
-
-def _background(items: Iterator, depth: int) -> Iterator:
-    """Run an iterator on a thread (I/O releases the GIL), `depth` items ahead of the consumer."""
-    done = object()
-    out: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def run():
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            out.put(done)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            out.put(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = out.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+        yield _collate(spec, epoch, group, stats, buffers) if decode else (group, stats)
 
 
 def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, threads: int, prefetch: int,
-                     pin: bool = False) -> Iterator[dict]:
-    """Each lane reads, decodes and stacks its batches on its own thread; yielded in lane order."""
+                     buffers: BatchBuffers) -> Iterator[dict]:
+    """The rank's batches in lane order, each read and decoded by whichever thread is free.
+
+    Threads are not tied to lanes: with one thread per lane, a lane held up (a large image, a
+    core taken by another process) stalls every other lane as soon as they are `prefetch`
+    batches ahead, and on two cores that idled 10-20% of the decode time. Here a thread claims
+    the next batch, waits its turn to read it from its lane (lanes are read in order), and
+    decodes it while other threads read and decode later batches. At most
+    threads × (prefetch + 1) batches are in flight or waiting for the consumer.
+    """
     lanes = spec.split.lanes
+    total = EpochPlan(spec.manifest, spec.seed, epoch, spec.split).batches_per_rank
+    groups = [lane_batches(spec, epoch, lane, lane_position(batches_done, lanes, lane), decode=False)
+              for lane in range(lanes)]
+    read_turn = [lane_position(batches_done, lanes, lane) for lane in range(lanes)]
+    turn_changed = threading.Condition()
+    progress = threading.Condition()  # guards: claimed, delivered, finished, stopped
+    claimed, delivered, finished, stopped = batches_done, batches_done, {}, False
+    ahead = threads * (prefetch + 1)
 
-    def lane(index: int) -> Iterator[dict]:
-        for batch in lane_batches(spec, epoch, index, lane_position(batches_done, lanes, index)):
-            if pin:
-                batch["image"] = batch["image"].pin_memory()
-                if "repa" in batch:
+    def read(k: int):
+        lane, position = k % lanes, k // lanes
+        with turn_changed:
+            turn_changed.wait_for(lambda: read_turn[lane] == position)
+            try:
+                return next(groups[lane])
+            finally:
+                read_turn[lane] += 1
+                turn_changed.notify_all()
+
+    def work():
+        nonlocal claimed
+        while True:
+            with progress:
+                progress.wait_for(lambda: stopped or claimed >= total or claimed < delivered + ahead)
+                if stopped or claimed >= total:
+                    return
+                k, claimed = claimed, claimed + 1
+            try:
+                batch = _collate(spec, epoch, *read(k), buffers)
+                if buffers.pinned and "repa" in batch:
                     batch["repa"] = batch["repa"].pin_memory()
-            yield batch
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer, in batch order
+                batch = e
+            with progress:
+                finished[k] = batch
+                progress.notify_all()
 
-    yield from interleave([_background(lane(i), prefetch) for i in range(lanes)], start=batches_done % lanes)
+    for _ in range(threads):
+        threading.Thread(target=work, daemon=True).start()
+    try:
+        for k in range(batches_done, total):
+            with progress:
+                progress.wait_for(lambda: k in finished)
+                batch = finished.pop(k)
+                delivered = k + 1
+                progress.notify_all()
+            if isinstance(batch, BaseException):
+                raise batch
+            yield batch
+    finally:
+        with progress:
+            stopped = True  # threads finish the batch in hand and quit
+            progress.notify_all()
 
 
 class ShardLoader:
@@ -264,6 +317,7 @@ class ShardLoader:
         self.device, self.prefetch = torch.device(device), prefetch
         self.epoch, self.batches_done = 0, 0
         self.stats = ReadStats()
+        self.buffers = BatchBuffers(pinned=self.device.type == "cuda", keep=max(1, num_workers) * (prefetch + 1) + 4)
 
     def __len__(self) -> int:
         return EpochPlan(self.spec.manifest, self.spec.seed, self.epoch, self.spec.split).batches_per_rank
@@ -275,12 +329,12 @@ class ShardLoader:
             batches = dali_batches(self.spec, self.epoch, self.batches_done, self.device, self.prefetch)
         elif self.num_workers > 0:
             batches = threaded_batches(self.spec, self.epoch, self.batches_done, self.num_workers, self.prefetch,
-                                       pin=self.device.type == "cuda")
+                                       self.buffers)
         else:
             lanes = self.spec.split.lanes
             first = self.batches_done % lanes
             batches = interleave([lane_batches(self.spec, self.epoch, lane,
-                                               lane_position(self.batches_done, lanes, lane))
+                                               lane_position(self.batches_done, lanes, lane), buffers=self.buffers)
                                   for lane in range(lanes)], start=first)
         for batch in batches:
             self.batches_done += 1

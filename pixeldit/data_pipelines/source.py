@@ -256,8 +256,8 @@ def iter_lane(plan: EpochPlan, reader: ShardReader, lane: int, window: int,
 def _runs(plan: EpochPlan, chunk: np.ndarray) -> list[tuple[int, int, int]]:
     """Group canonical indices into (shard, first member, stop member) runs, in sequence order."""
     runs: list[list[int]] = []
-    for c in chunk:
-        shard, member = plan.locate(int(c))
+    shards = np.searchsorted(plan.shard_offsets, chunk, side="right") - 1
+    for shard, member in zip(shards.tolist(), (chunk - plan.shard_offsets[shards]).tolist()):
         if runs and runs[-1][0] == shard and member >= runs[-1][2] and member - runs[-1][2] < 64:
             runs[-1][2] = member + 1  # small gaps (dropped samples) are read through, not reopened
         else:
