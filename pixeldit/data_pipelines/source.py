@@ -10,13 +10,13 @@ batch size) and the manifest's sample counts:
 2. Shards are permuted by (seed, epoch); the kept samples in that shard order
    form the epoch sequence; rank r takes the r-th contiguous block, so ranks
    read disjoint byte ranges and yield the same number of batches.
-3. A rank's batches are split into `lanes` contiguous runs, each read on its
-   own thread; lane l's k-th batch is the rank's batch k·lanes + l (round
-   robin). Contiguous runs keep reads sequential
-   inside shards; a lane is never handed a shard it cannot fill.
-4. Inside a lane, windows of `shuffle_window` samples are permuted by
-   (seed, epoch, rank, lane, window). Resuming re-reads (without decoding) at
-   most one window per lane.
+3. A rank's batches are split into `lanes` contiguous runs, each read in
+   order; lane l's k-th batch is the rank's batch k·lanes + l (round robin).
+   Contiguous runs keep reads sequential inside shards; a lane is never
+   handed a shard it cannot fill.
+4. Inside a lane, windows of `shuffle_window` samples (the first three ramp
+   up from 1/8 of it) are permuted by (seed, epoch, rank, lane, window).
+   Resuming re-reads (without decoding) at most one window per lane.
 
 Streams go through fsspec; a transient failure (5xx, throttling, reset, short
 read) reopens the shard at the first sample not yet delivered, from the DALI
@@ -142,6 +142,17 @@ class EpochPlan:
         return shard, int(canonical - self.shard_offsets[shard])
 
 
+def window_bounds(length: int, window: int) -> list[tuple[int, int]]:
+    """(start, stop) of a lane's shuffle windows. The first ones ramp up from window/8, doubling
+    (64, 128, 256, then 512 each at 512), like webdataset's `initial`: a lane yields its first
+    batch after reading a small window, not a full one, at the start of every epoch."""
+    bounds, start, size = [], 0, max(1, window // 8)
+    while start < length:
+        bounds.append((start, min(start + size, length)))
+        start, size = bounds[-1][1], min(2 * size, window)
+    return bounds
+
+
 def window_order(seed: int, epoch: int, split: Split, lane: int, window: int, size: int) -> np.ndarray:
     rng = np.random.default_rng(stream_seed(seed, 12, epoch, split.world, split.rank, lane, window))
     return rng.permutation(size)
@@ -237,19 +248,19 @@ def iter_lane(plan: EpochPlan, reader: ShardReader, lane: int, window: int,
     so batches stay aligned to positions (and resume stays exact) around losses.
     """
     seq = plan.lane_sequence(lane)
-    first_window = start_sample // window
-    for w in range(first_window, (len(seq) + window - 1) // window):
-        chunk = seq[w * window:(w + 1) * window]
+    for w, (lo, hi) in enumerate(window_bounds(len(seq), window)):
+        if hi <= start_sample:
+            continue
+        chunk = seq[lo:hi]
         wanted = set(chunk.tolist())
         got: dict[int, RawSample] = {}
-        for shard, lo, hi in _runs(plan, chunk):
+        for shard, first, stop in _runs(plan, chunk):
             base = int(plan.shard_offsets[shard])
-            for member, key, files in reader.read_run(shard, lo, hi):
+            for member, key, files in reader.read_run(shard, first, stop):
                 if base + member in wanted:
                     got[base + member] = RawSample(base + member, key, files)
         order = window_order(plan.seed, plan.epoch, plan.split, lane, w, len(chunk))
-        skip = start_sample - w * window if w == first_window else 0
-        for i in order[skip:]:
+        for i in order[max(0, start_sample - lo):]:
             yield got.get(int(chunk[i]))
 
 
