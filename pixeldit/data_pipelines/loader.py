@@ -101,10 +101,6 @@ def label_of(files: dict[str, bytes], where: str) -> int:
         raise ValueError(f"{where}: sample has no integer .cls label") from None
 
 
-def cpu_decode_into(spec: LoaderSpec, data: bytes, out: np.ndarray) -> None:
-    decode_into(data, out, spec.needs_resize())
-
-
 def decode_into(data: bytes, out: np.ndarray, crop: bool) -> None:
     """Decode into `out`, (S, S, 3) uint8 in pixel order: the image's slot in its batch.
 
@@ -180,6 +176,7 @@ def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats, buff
     size = spec.image_size
     pixels = buffers.take((len(samples), size, size, 3))
     slots = pixels.numpy()
+    crop = spec.needs_resize()
     labels, keys, indices, targets = [], [], [], []
     for raw in samples:
         if raw is None:
@@ -189,7 +186,7 @@ def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats, buff
         try:
             if data is None:
                 raise ValueError(f"no image among {sorted(raw.files)}")
-            cpu_decode_into(spec, data, slot)
+            decode_into(data, slot, crop)
         except Exception as e:  # noqa: BLE001 - a corrupt image must not stop the run
             stats.corrupt += 1
             log.warning("skipping sample %r: %s: %s", raw.key, type(e).__name__, e)
