@@ -45,6 +45,7 @@ from .source import (
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def to_model_input(batch: dict, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,12 +92,15 @@ class LoaderSpec:
 
 
 def image_bytes(files: dict[str, bytes]) -> bytes | None:
-    return next((files[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in files), None)
+    for ext in IMAGE_EXTENSIONS:
+        if ext in files:
+            return files[ext]
+    return None
 
 
 def label_of(files: dict[str, bytes], where: str) -> int:
     try:
-        return int(files["cls"])
+        return int(bytes(files["cls"]))  # int() reads bytes, not the memoryviews the reader hands out
     except (KeyError, ValueError):
         raise ValueError(f"{where}: sample has no integer .cls label") from None
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..diffusion.randomness import stream_seed
 from .manifest import Manifest, shard_root
-from .storage import filesystem, is_transient, join, read_bytes, strip_protocol
+from .storage import MappedFile, filesystem, is_local, is_transient, join, read_bytes, strip_protocol
 from .tario import iter_members, parse_index, read_exact, read_sample, slice_sample
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,13 @@ class ShardReader:
         """(member index, key, files) for members first..stop−1 of `shard`, each exactly once."""
         url = self.url(shard)
         entries = self.index(shard)
-        fs = filesystem(url, self.options)
+        fs = None if is_local(url) else filesystem(url, self.options)
         member, failures = first, 0
         shard_end = self.manifest.shards[shard].bytes
         while member < stop:
             try:
-                with fs.open(strip_protocol(url), "rb", block_size=CHUNK_BYTES, cache_type="none") as f:
+                with MappedFile(strip_protocol(url)) if fs is None else \
+                        fs.open(strip_protocol(url), "rb", block_size=CHUNK_BYTES, cache_type="none") as f:
                     f.seek(entries[member].offset)
                     while member < stop:
                         # one read per chunk of whole samples, parsed from memory: per-member reads
@@ -200,15 +201,15 @@ class ShardReader:
                             last += 1
                         base = entries[member][0]
                         end = entries[last][0] if last < len(entries) else shard_end
-                        chunk = read_exact(f, end - base, url)
+                        view = memoryview(read_exact(f, end - base, url))
                         members = None
                         while member < last:
                             # the index gives every member's offset and size: slice, checking only
                             # the name in each header; parse the headers if the index disagrees
-                            sliced = None if members else slice_sample(chunk, base, entries[member])
+                            sliced = None if members else slice_sample(view, base, entries[member])
                             if sliced is None:
                                 if members is None:
-                                    members = iter_members(io.BytesIO(chunk[entries[member][0] - base:]), url)
+                                    members = iter_members(io.BytesIO(view[entries[member][0] - base:]), url)
                                 sliced = read_sample(members, len(entries[member].members), url)
                             key, files = sliced
                             yield member, key, files
@@ -237,7 +238,7 @@ class ShardReader:
 class RawSample:
     canonical: int
     key: str
-    files: dict[str, bytes]
+    files: dict[str, bytes | memoryview]  # views into the read chunk on the indexed path
 
 
 def iter_lane(plan: EpochPlan, reader: ShardReader, lane: int, window: int,

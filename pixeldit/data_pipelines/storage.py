@@ -10,6 +10,7 @@ worker) opens its own.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import random
 import time
@@ -48,6 +49,41 @@ def filesystem(url: str, options: dict | None = None):
 
 def strip_protocol(url: str) -> str:
     return url.split("://", 1)[1] if "://" in url else url
+
+
+class MappedFile:
+    """A local file read through mmap: `read` hands out views of the page cache, not copies.
+
+    The shard reader cuts samples out of what it reads, and the decoders read them in place, so
+    a local image is never copied before it is decoded (the read copy cost ~6 µs per 256² JPEG,
+    1.5% of its decode). Views keep the mapping alive; it goes with the last one. The size is
+    fixed when the file is opened: a shard truncated while it is being read would fault, so
+    shards are written to a temporary name and renamed (the writer does).
+    """
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.view = memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b"")
+        self.pos = 0
+
+    def seek(self, pos: int):
+        self.pos = pos
+
+    def read(self, n: int) -> memoryview:
+        out = self.view[self.pos:self.pos + n]
+        self.pos += len(out)
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(url) in ("file", "local")
 
 
 class TransientError(OSError):
