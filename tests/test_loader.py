@@ -95,6 +95,23 @@ def test_lane_threads_end_when_the_consumer_stops_early(synthetic_shards):
     assert threading.active_count() == before
 
 
+def test_lanes_stream_at_the_same_time(synthetic_shards, monkeypatch):
+    from pixeldit.data_pipelines import source
+    meet = threading.Barrier(2, timeout=20)
+    real_read_run = source.ShardReader.read_run
+
+    def read_run(self, *args):
+        if not getattr(self, "met", False):  # each lane's first read waits for the other lane's
+            self.met = True
+            meet.wait()
+        yield from real_read_run(self, *args)
+
+    spec = spec_for(synthetic_shards, lanes=2)
+    expected = keys_of(ShardLoader(spec, num_workers=0))
+    monkeypatch.setattr(source.ShardReader, "read_run", read_run)
+    assert keys_of(ShardLoader(spec, num_workers=2)) == expected
+
+
 @pytest.mark.parametrize("decoder, workers", [("pil", 2), ("dali", 2), ("pil", 0)])
 def test_resume_mid_epoch_continues_the_same_sequence(synthetic_shards, decoder, workers):
     spec = spec_for(synthetic_shards, lanes=max(1, workers), hflip=True)

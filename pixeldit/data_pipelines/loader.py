@@ -270,9 +270,10 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, threads: i
         lane, position = k % lanes, k // lanes
         with turn_changed:
             turn_changed.wait_for(lambda: read_turn[lane] == position)
-            try:
-                return next(groups[lane])
-            finally:
+        try:  # outside the lock: other lanes stream at the same time (object storage latency)
+            return next(groups[lane])
+        finally:
+            with turn_changed:
                 read_turn[lane] += 1
                 turn_changed.notify_all()
 
