@@ -6,7 +6,7 @@ Two shard sets hold the same photos: "original" (ImageNet-like 280-500 px JPEGs,
 loader does the ADM crop to 256) and "crop256" (cropped to 256² at write time, the
 loader only decodes). Per set it times whole epochs (each reads the set `--passes` times):
 
-* ours: ShardLoader with the PIL decoder in W DataLoader workers (W lanes), and with DALI (CPU);
+* ours: ShardLoader with the pil decoder on W decode threads (W lanes), and with DALI (CPU);
 * plain: the ~20-line webdataset + PIL + ToTensor pipeline a user would write, W workers;
 * bound: the fastest full JPEG decode here (PIL, torchvision or simplejpeg; plus the ADM crop on
   "original") of the same bytes, already in memory, on W processes. No I/O, no batching.
@@ -192,7 +192,8 @@ def summarize(runs: dict, name: str) -> dict:
     for (ratio, per_round), goal in zip(out.items(), (0.9, 1.3, None)):
         mid = statistics.median(per_round)
         verdict = f"goal >= {goal}: {'met' if mid >= goal else 'NOT met'}" if goal else "(img/s per core)"
-        print(f"{name:<9} {ratio:<15} {mid:5.2f}  {verdict:<22} rounds: {' '.join(f'{x:.2f}' for x in per_round)}")
+        # three decimals: 0.897 printed as 0.90 next to "NOT met" reads as a contradiction
+        print(f"{name:<9} {ratio:<15} {mid:6.3f}  {verdict:<22} rounds: {' '.join(f'{x:.3f}' for x in per_round)}")
     return out
 
 
