@@ -239,3 +239,38 @@ def test_load_time_crop_equals_the_offline_crop_on_the_pil_path(photo_shards, tm
     common = (set(at_load) & set(stored)) - {"cmyk", "gray", "palette", "rgba"}
     assert len(common) > 10
     assert all(torch.equal(at_load[k], stored[k]) for k in common)
+
+
+def test_every_kind_of_jpeg_decodes_to_pillows_pixels():
+    """simplejpeg takes YCbCr and grayscale JPEGs (into the batch slot when already cropped),
+    Pillow everything else: either way the pixels are Pillow's, and bad bytes raise."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pixeldit.data_pipelines import images
+    from pixeldit.data_pipelines.loader import decode_into
+    from tests.photos import _photo
+
+    rgb = Image.fromarray(_photo("chelsea")[:300, :400])
+    cases = {
+        "ycbcr 4:4:4, pre-cropped": (rgb.crop((0, 0, 48, 48)), {"quality": 95, "subsampling": 0}, False),
+        "ycbcr 4:2:0, pre-cropped": (rgb.crop((0, 0, 48, 48)), {"quality": 80}, False),
+        "ycbcr, original size": (rgb, {"quality": 90}, True),
+        "gray, pre-cropped": (rgb.crop((0, 0, 48, 48)).convert("L"), {}, False),
+        "cmyk, pre-cropped": (rgb.crop((0, 0, 48, 48)).convert("CMYK"), {}, False),
+        "wrong size for pre-cropped": (rgb.crop((0, 0, 40, 56)), {}, False),
+    }
+    for name, (img, options, crop) in cases.items():
+        out = io.BytesIO()
+        img.save(out, "JPEG", **options)
+        data = out.getvalue()
+        slot = np.full((48, 48, 3), 7, dtype=np.uint8)
+        decode_into(data, slot, crop)
+        expected = images.decode_rgb(data)
+        if crop or expected.size != (48, 48):
+            expected = images.adm_center_crop(expected, 48)
+        assert np.array_equal(slot, np.asarray(expected)), name
+        with pytest.raises((OSError, ValueError)):  # cut short: neither decoder may hand out a half image
+            decode_into(data[: len(data) // 2], slot, crop)
