@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.photos
 
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -141,7 +142,6 @@ def _decode_torchvision(name: str, crop: int, i: int) -> float:
 
 
 def _decode_simplejpeg(name: str, crop: int, i: int) -> float:
-    import simplejpeg
     start = time.process_time()
     rgb = simplejpeg.decode_jpeg(_BYTES[name][i], "RGB")
     if crop:

@@ -245,6 +245,11 @@ def lane_batches(spec: LoaderSpec, epoch: int, lane: int, start_batch: int, deco
         yield _collate(spec, epoch, group, stats, buffers) if decode else (group, stats)
 
 
+def batches_in_flight(threads: int, prefetch: int) -> int:
+    """Batches being decoded or waiting for the consumer: each thread's own plus `prefetch` more."""
+    return max(1, threads) * (prefetch + 1)
+
+
 def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, threads: int, prefetch: int,
                      buffers: BatchBuffers) -> Iterator[dict]:
     """The rank's batches in lane order, each read and decoded by whichever thread is free.
@@ -264,7 +269,7 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, threads: i
     turn_changed = threading.Condition()
     progress = threading.Condition()  # guards: claimed, delivered, finished, stopped
     claimed, delivered, finished, stopped = batches_done, batches_done, {}, False
-    ahead = threads * (prefetch + 1)
+    ahead = batches_in_flight(threads, prefetch)
 
     def read(k: int):
         lane, position = k % lanes, k // lanes
@@ -324,7 +329,9 @@ class ShardLoader:
         self.device, self.prefetch = torch.device(device), prefetch
         self.epoch, self.batches_done = 0, 0
         self.stats = ReadStats()
-        self.buffers = BatchBuffers(pinned=self.device.type == "cuda", keep=max(1, num_workers) * (prefetch + 1) + 4)
+        # + 4: the batches the consumer still holds (the step in flight, the one before it)
+        self.buffers = BatchBuffers(pinned=self.device.type == "cuda",
+                                    keep=batches_in_flight(num_workers, prefetch) + 4)
 
     def __len__(self) -> int:
         return EpochPlan(self.spec.manifest, self.spec.seed, self.epoch, self.spec.split).batches_per_rank
