@@ -250,7 +250,7 @@ def test_every_kind_of_jpeg_decodes_to_pillows_pixels():
     from PIL import Image
 
     from pixeldit.data_pipelines import images
-    from pixeldit.data_pipelines.loader import decode_into
+
     from tests.photos import _photo
 
     rgb = Image.fromarray(_photo("chelsea")[:300, :400])
@@ -267,10 +267,10 @@ def test_every_kind_of_jpeg_decodes_to_pillows_pixels():
         img.save(out, "JPEG", **options)
         data = out.getvalue()
         slot = np.full((48, 48, 3), 7, dtype=np.uint8)
-        decode_into(data, slot, crop)
+        images.decode_into(data, slot, crop)
         expected = images.decode_rgb(data)
         if crop or expected.size != (48, 48):
             expected = images.adm_center_crop(expected, 48)
         assert np.array_equal(slot, np.asarray(expected)), name
         with pytest.raises((OSError, ValueError)):  # cut short: neither decoder may hand out a half image
-            decode_into(data[: len(data) // 2], slot, crop)
+            images.decode_into(data[: len(data) // 2], slot, crop)

@@ -1,9 +1,13 @@
-"""Image decode, the ADM centre crop and encode: shared by the shard writer and the PIL loader."""
+"""Image decode, the ADM centre crop and encode: shared by the shard writer, the pil loader and its
+decode processes (which is why this module imports neither torch nor the rest of the package)."""
 
 from __future__ import annotations
 
 import io
+from typing import Sequence
 
+import numpy as np
+import simplejpeg
 from PIL import Image
 
 # a 100-megapixel image is larger than any ImageNet photo; beyond it, refuse rather than OOM a worker
@@ -52,6 +56,52 @@ def adm_geometry(width: int, height: int, size: int) -> tuple[tuple[int, int], t
     scale = size / min(width, height)
     width, height = round(width * scale), round(height * scale)
     return (width, height), ((width - size) // 2, (height - size) // 2)
+
+
+def decode_into(data: bytes, out: np.ndarray, crop: bool) -> None:
+    """Decode into `out`, (S, S, 3) uint8 in pixel order: the image's slot in its batch.
+
+    YCbCr and grayscale JPEGs (ImageNet's photos, and everything the shard writer re-encodes) go
+    through simplejpeg's libjpeg-turbo: the same pixels as Pillow's, ~10% less CPU, and a
+    pre-cropped image is written straight into its slot, without a decoder-owned copy to batch.
+    Anything else (CMYK, PNG, WebP...) goes through Pillow, which also names what is wrong.
+    """
+    size = out.shape[0]
+    img = None
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if colorspace in ("YCbCr", "Gray") and height * width <= Image.MAX_IMAGE_PIXELS:
+                if not crop and (height, width) == (size, size):
+                    simplejpeg.decode_jpeg(data, "RGB", buffer=out)
+                    return
+                img = Image.fromarray(simplejpeg.decode_jpeg(data, "RGB"))
+        except ValueError:
+            pass  # truncated or unusual: Pillow below decodes it or says why not
+    if img is None:
+        img = decode_rgb(data)
+    if crop or img.size != (size, size):
+        img = adm_center_crop(img, size)
+    out[...] = np.asarray(img)
+
+
+def decode_batch(datas: Sequence[bytes], out: np.ndarray, crop: bool, flips: Sequence[bool]) -> dict[int, str]:
+    """Decode `datas` into consecutive slots of `out` (B, S, S, 3), flipping where `flips` says.
+
+    An image that will not decode leaves no gap: the next one takes its slot. Returns why each
+    failed one did, by its index in `datas`, so the caller can count and name the skipped samples.
+    """
+    failures, slot = {}, 0
+    for index, (data, flip) in enumerate(zip(datas, flips)):
+        try:
+            decode_into(data, out[slot], crop)
+        except Exception as e:  # noqa: BLE001 - a corrupt image must not stop the run
+            failures[index] = f"{type(e).__name__}: {e}"
+            continue
+        if flip:
+            out[slot] = out[slot, :, ::-1]  # numpy buffers the overlapping read
+        slot += 1
+    return failures
 
 
 def encode(img: Image.Image, fmt: str, quality: int = 95) -> bytes:

@@ -14,16 +14,16 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-import simplejpeg
 import torch
-from PIL import Image
 
 from ..diffusion.randomness import stream_seed
 from . import images
+from .decode_processes import DecodeProcess, DecodeProcesses, Segment, shared_array
 from .features import (
     FeatureManifest,
     LockstepReader,
@@ -45,6 +45,7 @@ from .source import (
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+THREADS_PER_PROCESS = 2  # one reads the next batch while the other's batch is being decoded
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -105,37 +106,10 @@ def label_of(files: dict[str, bytes], where: str) -> int:
         raise ValueError(f"{where}: sample has no integer .cls label") from None
 
 
-def decode_into(data: bytes, out: np.ndarray, crop: bool) -> None:
-    """Decode into `out`, (S, S, 3) uint8 in pixel order: the image's slot in its batch.
-
-    YCbCr and grayscale JPEGs (ImageNet's photos, and everything the shard writer re-encodes) go
-    through simplejpeg's libjpeg-turbo: the same pixels as Pillow's, ~10% less CPU, and a
-    pre-cropped image is written straight into its slot, without a decoder-owned copy to batch.
-    Anything else (CMYK, PNG, WebP...) goes through Pillow, which also names what is wrong.
-    """
-    size = out.shape[0]
-    img = None
-    if data[:3] == b"\xff\xd8\xff":
-        try:
-            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-            if colorspace in ("YCbCr", "Gray") and height * width <= Image.MAX_IMAGE_PIXELS:
-                if not crop and (height, width) == (size, size):
-                    simplejpeg.decode_jpeg(data, "RGB", buffer=out)
-                    return
-                img = Image.fromarray(simplejpeg.decode_jpeg(data, "RGB"))
-        except ValueError:
-            pass  # truncated or unusual: Pillow below decodes it or says why not
-    if img is None:
-        img = images.decode_rgb(data)
-    if crop or img.size != (size, size):
-        img = images.adm_center_crop(img, size)
-    out[...] = np.asarray(img)
-
-
 def decode_image(data: bytes, size: int, crop: bool) -> torch.Tensor:
     """(3, S, S) uint8 (a view of pixel-order memory), for callers that decode one image at a time."""
     out = np.empty((size, size, 3), dtype=np.uint8)
-    decode_into(data, out, crop)
+    images.decode_into(data, out, crop)
     return torch.from_numpy(out).permute(2, 0, 1)
 
 
@@ -144,15 +118,17 @@ class BatchBuffers:
 
     A fresh 6 MB batch costs its page faults on every step; recycled buffers are already
     mapped. `torch.from_numpy` keeps a reference to its array for as long as any tensor or view
-    of that memory lives, so an array referenced only by this pool is free. On CUDA hosts the
-    buffers come from PyTorch's pinned-memory cache instead, which also waits for asynchronous
-    copies out of a block before reusing it, and saves the copy `pin_memory()` would make.
+    of that memory lives, so an array referenced only by this pool is free. `shared` buffers are
+    in shared memory, for decode processes to write into. On CUDA hosts in-process buffers come
+    from PyTorch's pinned-memory cache instead, which also waits for asynchronous copies out of
+    a block before reusing it, and saves the copy `pin_memory()` would make.
     One pool serves all decode threads (and outlives epochs): the lock makes check-and-take atomic.
     """
 
-    def __init__(self, pinned: bool = False, keep: int = 16):
-        self.pinned, self.keep = pinned, keep
+    def __init__(self, pinned: bool = False, keep: int = 16, shared: bool = False):
+        self.pinned, self.keep, self.shared = pinned, keep, shared
         self.arrays: list[np.ndarray] = []
+        self.segments: dict[int, Segment] = {}  # by data pointer, for shared buffers
         self.lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -163,13 +139,51 @@ class BatchBuffers:
                 # references: the pool's list, this loop's name, getrefcount's argument
                 if array.shape == shape and sys.getrefcount(array) == 3:
                     return torch.from_numpy(array)
-            array = np.empty(shape, dtype=np.uint8)
-            if len(self.arrays) < self.keep:  # a consumer that hoards batches gets fresh ones
+            keep = len(self.arrays) < self.keep  # a consumer that hoards batches gets fresh ones
+            if self.shared:
+                array, segment = shared_array(shape, one_off=not keep)
+                self.segments[array.ctypes.data] = segment
+            else:
+                array = np.empty(shape, dtype=np.uint8)
+            if keep:
                 self.arrays.append(array)
             return torch.from_numpy(array)
 
+    def segment(self, pixels: torch.Tensor) -> Segment:
+        """The shared memory behind `pixels`, a tensor `take` returned."""
+        with self.lock:
+            segment = self.segments[pixels.data_ptr()]
+            if segment.one_off:  # the process has its mapping, the batch its own: no one needs the name again
+                del self.segments[pixels.data_ptr()]
+        return segment
 
-def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats, buffers: BatchBuffers) -> dict:
+    def close(self):
+        """Close the pool's file descriptors; batches already handed out keep their memory."""
+        with self.lock:
+            for segment in self.segments.values():
+                segment.close()
+            self.segments.clear()
+            self.arrays.clear()
+
+
+def decode_here(datas, pixels: torch.Tensor, crop: bool, flips) -> dict[int, str]:
+    return images.decode_batch(datas, pixels.numpy(), crop, flips)
+
+
+def decode_in(process: DecodeProcess, buffers: BatchBuffers):
+    """`decode_here`, done by `process` into the shared buffer `pixels` lives in."""
+    def decode(datas, pixels: torch.Tensor, crop: bool, flips) -> dict[int, str]:
+        segment = buffers.segment(pixels)
+        try:
+            return process.decode(datas, segment, tuple(pixels.shape), crop, flips)
+        finally:
+            if segment.one_off:
+                segment.close()
+    return decode
+
+
+def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats, buffers: BatchBuffers,
+             decode=decode_here) -> dict:
     """Decode one batch; a sample that will not decode is skipped and counted.
 
     Each image is decoded into its slot of the batch. The batch is (B, 3, H, W) in channels-last
@@ -179,25 +193,23 @@ def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats, buff
     """
     size = spec.image_size
     pixels = buffers.take((len(samples), size, size, 3))
-    slots = pixels.numpy()
-    crop = spec.needs_resize()
-    labels, keys, indices, targets = [], [], [], []
+    present, datas = [], []
     for raw in samples:
         if raw is None:
             continue
         data = image_bytes(raw.files)
-        slot = slots[len(keys)]
-        try:
-            if data is None:
-                raise ValueError(f"no image among {sorted(raw.files)}")
-            decode_into(data, slot, crop)
-        except Exception as e:  # noqa: BLE001 - a corrupt image must not stop the run
-            stats.corrupt += 1
-            log.warning("skipping sample %r: %s: %s", raw.key, type(e).__name__, e)
+        if data is None:
+            skip_corrupt(stats, raw, f"ValueError: no image among {sorted(raw.files)}")
             continue
-        flipped = spec.hflip and flip_coin(spec.seed, epoch, raw.canonical)
-        if flipped:
-            slot[...] = slot[:, ::-1]  # numpy buffers the overlapping read
+        present.append(raw)
+        datas.append(data)
+    flips = [spec.hflip and flip_coin(spec.seed, epoch, raw.canonical) for raw in present]
+    failures = decode(datas, pixels, spec.needs_resize(), flips)
+    labels, keys, indices, targets = [], [], [], []
+    for i, (raw, flipped) in enumerate(zip(present, flips)):
+        if i in failures:
+            skip_corrupt(stats, raw, failures[i])
+            continue
         if spec.features is not None:
             targets.append(sample_target(spec, raw, flipped))
         labels.append(label_of(raw.files, raw.key))
@@ -209,6 +221,11 @@ def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats, buff
     if spec.features is not None:
         batch["repa"] = stack_targets(spec, targets)
     return batch
+
+
+def skip_corrupt(stats: ReadStats, raw, reason: str):
+    stats.corrupt += 1
+    log.warning("skipping sample %r: %s", raw.key, reason)
 
 
 def stack_targets(spec: LoaderSpec, targets: list[torch.Tensor]) -> torch.Tensor:
@@ -250,17 +267,20 @@ def batches_in_flight(threads: int, prefetch: int) -> int:
     return max(1, threads) * (prefetch + 1)
 
 
-def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, threads: int, prefetch: int,
-                     buffers: BatchBuffers) -> Iterator[dict]:
-    """The rank's batches in lane order, each read and decoded by whichever thread is free.
+def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes: DecodeProcesses, prefetch: int,
+                     buffers: BatchBuffers, pin: bool) -> Iterator[dict]:
+    """The rank's batches in lane order, each read by whichever thread is free and decoded by its process.
 
     Threads are not tied to lanes: with one thread per lane, a lane held up (a large image, a
     core taken by another process) stalls every other lane as soon as they are `prefetch`
     batches ahead, and on two cores that idled 10-20% of the decode time. Here a thread claims
     the next batch, waits its turn to read it from its lane (lanes are read in order), and
-    decodes it while other threads read and decode later batches. At most
-    threads × (prefetch + 1) batches are in flight or waiting for the consumer.
+    has its process decode it while other threads read and decode later batches. At most
+    threads × (prefetch + 1) batches are in flight or waiting for the consumer. `pin`: copy
+    batches into page-locked memory for asynchronous copies to the GPU, as DataLoader's
+    pin_memory does (shared memory is not page-locked).
     """
+    threads = THREADS_PER_PROCESS * len(processes.processes)
     lanes = spec.split.lanes
     total = EpochPlan(spec.manifest, spec.seed, epoch, spec.split).batches_per_rank
     groups = [lane_batches(spec, epoch, lane, lane_position(batches_done, lanes, lane), decode=False)
@@ -282,7 +302,7 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, threads: i
                 read_turn[lane] += 1
                 turn_changed.notify_all()
 
-    def work():
+    def work(decode):
         nonlocal claimed
         while True:
             with progress:
@@ -291,17 +311,18 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, threads: i
                     return
                 k, claimed = claimed, claimed + 1
             try:
-                batch = _collate(spec, epoch, *read(k), buffers)
-                if buffers.pinned and "repa" in batch:
-                    batch["repa"] = batch["repa"].pin_memory()
+                batch = _collate(spec, epoch, *read(k), buffers, decode)
+                if pin:
+                    batch.update({name: batch[name].pin_memory() for name in ("image", "repa") if name in batch})
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer, in batch order
                 batch = e
             with progress:
                 finished[k] = batch
                 progress.notify_all()
 
-    for _ in range(threads):
-        threading.Thread(target=work, daemon=True).start()
+    for thread in range(threads):
+        process = processes[thread % len(processes.processes)]
+        threading.Thread(target=work, args=(decode_in(process, buffers),), daemon=True).start()
     try:
         for k in range(batches_done, total):
             with progress:
@@ -329,9 +350,23 @@ class ShardLoader:
         self.device, self.prefetch = torch.device(device), prefetch
         self.epoch, self.batches_done = 0, 0
         self.stats = ReadStats()
+        # started with the first epoch, kept until close() or until the loader is garbage
+        self.processes = DecodeProcesses(num_workers) if decoder == "pil" and num_workers > 0 else None
         # + 4: the batches the consumer still holds (the step in flight, the one before it)
-        self.buffers = BatchBuffers(pinned=self.device.type == "cuda",
-                                    keep=batches_in_flight(num_workers, prefetch) + 4)
+        self.buffers = BatchBuffers(pinned=self.device.type == "cuda" and self.processes is None,
+                                    keep=batches_in_flight(THREADS_PER_PROCESS * num_workers, prefetch) + 4,
+                                    shared=self.processes is not None)
+        self._finalize = weakref.finalize(self, ShardLoader._release, self.processes, self.buffers)
+
+    @staticmethod
+    def _release(processes: DecodeProcesses | None, buffers: BatchBuffers):
+        if processes is not None:
+            processes.close()
+        buffers.close()
+
+    def close(self):
+        """Stop the decode processes (a later epoch starts them again) and free the batch pool."""
+        self._release(self.processes, self.buffers)  # idempotent: the finalizer may run it again
 
     def __len__(self) -> int:
         return EpochPlan(self.spec.manifest, self.spec.seed, self.epoch, self.spec.split).batches_per_rank
@@ -342,8 +377,8 @@ class ShardLoader:
             from .dali import dali_batches
             batches = dali_batches(self.spec, self.epoch, self.batches_done, self.device, self.prefetch)
         elif self.num_workers > 0:
-            batches = threaded_batches(self.spec, self.epoch, self.batches_done, self.num_workers, self.prefetch,
-                                       self.buffers)
+            batches = threaded_batches(self.spec, self.epoch, self.batches_done, self.processes, self.prefetch,
+                                       self.buffers, pin=self.device.type == "cuda")
         else:
             lanes = self.spec.split.lanes
             first = self.batches_done % lanes

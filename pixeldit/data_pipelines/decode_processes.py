@@ -1,0 +1,194 @@
+"""Persistent decode processes for the pil decoder, and the shared memory their batches land in.
+
+Why processes and not threads: libjpeg-turbo releases the GIL while it decodes, but each image
+still takes it to start, to crop and to hand back, and two decode threads on two cores lost 3-4%
+of their time waiting for it (measured; see docs/benchmarks.md). A process per lane decodes with
+no one to wait for. Everything else stays in the loader's threads: reading, order, retries,
+resume and REPA lockstep are the same code as for the DALI decoder and the in-process path. A
+process receives a batch's encoded bytes over a pipe (15 KB an image pre-cropped) and decodes
+them into a batch buffer the loader owns; only the failures come back.
+
+Batch buffers are memfd files (Linux): anonymous, so nothing is left behind if the trainer is
+killed, and not limited by the size of /dev/shm (64 MB in a default Docker container). A
+buffer's file descriptor reaches a process once, the first time that process decodes into it.
+
+This module is what a decode process imports: numpy, Pillow and simplejpeg, but no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle, send_handle
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import images
+
+_segment_ids = itertools.count()
+
+
+@dataclass
+class Segment:
+    """A batch buffer's shared memory: `fd` stays open while the buffer may be handed out again."""
+    id: int
+    fd: int
+    one_off: bool  # not kept by the pool: processes drop their mapping after decoding into it
+
+    def close(self):
+        os.close(self.fd)
+
+
+def shared_array(shape: tuple[int, ...], one_off: bool = False) -> tuple[np.ndarray, Segment]:
+    """A uint8 array in shared memory: the mapping lives as long as the array (or a view of it)."""
+    nbytes = int(np.prod(shape))
+    fd = os.memfd_create("pixeldit-batch", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        memory = mmap.mmap(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return np.frombuffer(memory, dtype=np.uint8).reshape(shape), Segment(next(_segment_ids), fd, one_off)
+
+
+class DecodeProcess:
+    """One decode process and its socket; one batch at a time (the lock), in the order asked.
+
+    Started as `python -c` rather than through multiprocessing: spawn would re-run the user's
+    main script in the child (and fail unless it is guarded by `if __name__ == "__main__"`), and
+    fork would copy a process full of threads.
+    """
+
+    def __init__(self):
+        ours, theirs = socket.socketpair()  # a Unix socket: file descriptors can travel over it
+        with ours, theirs:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")])})
+            self.conn = Connection(os.dup(ours.fileno()))
+        self.send_lock = threading.Lock()
+        self.replies = threading.Condition()  # guards `received`: replies come back in the order jobs went out
+        self.sent = self.received = 0
+        self.failed = False  # the socket broke: a reply may never come, so no one may wait for one
+        self.mapped: set[int] = set()  # segments this process has a mapping of
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def decode(self, datas: Sequence[bytes], segment: Segment, shape: tuple[int, ...], crop: bool,
+               flips: Sequence[bool]) -> dict[int, str]:
+        """`images.decode_batch` in the process, into `segment` seen as an array of `shape`.
+
+        Several threads may call this at once: the process works through their batches in the
+        order they were sent, and the next one is already waiting in its socket when it finishes
+        one, so it does not idle while a thread builds the batch it just decoded and reads the next.
+        """
+        try:
+            with self.send_lock:
+                ticket, self.sent = self.sent, self.sent + 1
+                new = segment.id not in self.mapped
+                self.conn.send((segment.id, new, segment.one_off, shape, crop, list(flips), [len(d) for d in datas]))
+                if new:
+                    send_handle(self.conn, segment.fd, self.process.pid)
+                    if not segment.one_off:
+                        self.mapped.add(segment.id)
+                self.conn.send_bytes(b"".join(datas))
+            with self.replies:
+                self.replies.wait_for(lambda: self.received == ticket or self.failed)
+                if self.failed:
+                    raise EOFError("an earlier batch's exchange with the process failed")
+                try:
+                    return self.conn.recv()
+                finally:
+                    self.received += 1
+                    self.replies.notify_all()
+        except (EOFError, OSError) as e:
+            with self.replies:
+                self.failed = True
+                self.replies.notify_all()
+            try:
+                code = self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = "none, still running"
+            raise RuntimeError(f"pil decode process {self.process.pid} ended (exit code {code}) while "
+                               f"decoding a batch; the loader starts a new one with the next epoch or resume") from e
+
+    def close(self):
+        self.conn.close()  # the process sees the end of its socket and returns
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class DecodeProcesses:
+    """A loader's decode processes, started on first use and kept across epochs."""
+
+    def __init__(self, count: int):
+        self.processes: list[DecodeProcess | None] = [None] * count
+        self.lock = threading.Lock()
+
+    def __getitem__(self, lane: int) -> DecodeProcess:
+        """Lane `lane`'s process, replacing one that has died (it is checked once per epoch)."""
+        with self.lock:
+            process = self.processes[lane]
+            if process is None or not process.alive():
+                if process is not None:
+                    process.close()
+                process = self.processes[lane] = DecodeProcess()
+            return process
+
+    def pids(self) -> list[int]:
+        return [p.process.pid for p in self.processes if p is not None]
+
+    def close(self):
+        with self.lock:
+            for process in self.processes:
+                if process is not None:
+                    process.close()
+            self.processes = [None] * len(self.processes)
+
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_CHILD = "import sys; from pixeldit.data_pipelines.decode_processes import serve_socket; serve_socket(int(sys.argv[1]))"
+
+
+def serve_socket(fd: int):
+    # Ctrl-C reaches the whole process group: the trainer handles it, and closing the socket ends us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve(Connection(fd))
+
+
+def serve(conn):
+    """A decode process: batches in, failures out, until the loader closes the pipe."""
+    mappings: dict[int, mmap.mmap] = {}
+    while True:
+        try:
+            segment, new, one_off, shape, crop, flips, lengths = conn.recv()
+            if new:
+                fd = recv_handle(conn)
+                mappings[segment] = mmap.mmap(fd, 0)
+                os.close(fd)
+            payload = memoryview(conn.recv_bytes())
+        except EOFError:
+            return
+        ends = list(itertools.accumulate(lengths))
+        datas = [payload[end - length:end] for end, length in zip(ends, lengths)]
+        out = np.frombuffer(mappings[segment], dtype=np.uint8, count=int(np.prod(shape))).reshape(shape)
+        failures = images.decode_batch(datas, out, crop, flips)
+        del out, datas
+        if one_off:
+            mappings.pop(segment).close()
+        conn.send(failures)
