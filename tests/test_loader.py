@@ -84,17 +84,113 @@ def test_kept_batches_keep_their_pixels_while_the_lanes_run_on(synthetic_shards)
 
 
 def test_lane_threads_end_when_the_consumer_stops_early(synthetic_shards):
+    from pixeldit.data_pipelines.loader import THREADS_PER_PROCESS
     before = threading.active_count()
-    batches = iter(ShardLoader(spec_for(synthetic_shards, lanes=3), num_workers=3, prefetch=1))
+    loader = ShardLoader(spec_for(synthetic_shards, lanes=3), num_workers=3, prefetch=1)
+    batches = iter(loader)
     next(batches)
-    assert threading.active_count() == before + 3  # every lane started with the epoch
+    assert threading.active_count() == before + 3 * THREADS_PER_PROCESS  # all started with the epoch
     batches.close()
     deadline = time.monotonic() + 20
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() == before
+    loader.close()
 
 
+def process_ended(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] in "ZX"  # a zombie has ended too
+    except FileNotFoundError:
+        return True
+
+
+def test_decode_processes_last_across_epochs_and_end_with_the_loader(synthetic_shards):
+    loader = ShardLoader(spec_for(synthetic_shards, lanes=2), num_workers=2)
+    first = keys_of(loader)
+    pids = loader.processes.pids()
+    assert len(pids) == 2 and len(first) == 230 // 8 * 8
+    assert len(keys_of(loader)) == len(first) and loader.processes.pids() == pids  # epoch 2: same processes
+    loader.close()
+    assert all(process_ended(pid) for pid in pids)
+    again = ShardLoader(spec_for(synthetic_shards, lanes=2), num_workers=2)
+    next(iter(again))
+    pids = again.processes.pids()
+    del again  # garbage: the processes go with it
+    import gc
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while not all(process_ended(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(process_ended(pid) for pid in pids)
+
+
+def test_a_killed_decode_process_is_named_and_a_resume_replaces_it(synthetic_shards):
+    import os
+    import signal
+    spec = spec_for(synthetic_shards, lanes=2)
+    full = keys_of(ShardLoader(spec, num_workers=0))
+    loader = ShardLoader(spec, num_workers=2, prefetch=1)
+    batches = iter(loader)
+    head = [next(batches) for _ in range(3)]
+    state = loader.state_dict()
+    victim = loader.processes.pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=rf"pil decode process {victim} ended \(exit code -9\)"):
+        for _ in batches:
+            pass
+    loader.load_state_dict(state)
+    tail = list(loader)  # the dead process is replaced when the next epoch (here: the resume) starts
+    assert victim not in loader.processes.pids()
+    assert keys_of(head + tail) == full
+    loader.close()
+
+
+def test_a_script_without_a_main_guard_can_use_decode_processes(synthetic_shards, tmp_path):
+    """multiprocessing's spawn would re-run this script in every decode process and fail."""
+    import subprocess
+    import sys
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader\n"
+        "from pixeldit.data_pipelines.manifest import load_manifest\n"
+        "from pixeldit.data_pipelines.source import Split\n"
+        f"spec = LoaderSpec(load_manifest({synthetic_shards!r}), {synthetic_shards!r}, 16, 8, 0, Split(1, 0, 2, 8), "
+        "16, False, None, 3, True)\n"
+        "print(sum(len(b['key']) for b in ShardLoader(spec, num_workers=2)))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(230 // 8 * 8)
+
+
+def test_a_batch_larger_than_the_inbox_grows_it_and_decodes_the_same(photo_shards):
+    """Encoded bytes travel through a shared inbox; one that is too small is replaced, and the
+    process drops its mapping of the old one."""
+    import numpy as np
+
+    from pixeldit.data_pipelines import images
+    from pixeldit.data_pipelines.decode_processes import DecodeProcess, shared_array
+    from pixeldit.data_pipelines.source import ShardReader
+
+    manifest = load_manifest(photo_shards["root"])
+    from pixeldit.data_pipelines.loader import image_bytes
+    reader = ShardReader(manifest, photo_shards["root"], None, 3, False)
+    datas = [bytes(image_bytes(files)) for _, _, files in reader.read_run(0, 0, manifest.shards[0].samples)][:6]
+    process = DecodeProcess()
+    inbox = process.take_inbox()
+    out, segment = shared_array((len(datas), 64, 64, 3))
+    expected = np.empty_like(out)
+    assert images.decode_batch(datas, expected, True, [False] * len(datas)) == {}
+    assert process.decode(inbox, datas[:1], segment, out.shape, True, [False]) == {}
+    small = inbox.segment.id
+    inbox.array = inbox.array[: len(datas[0])]  # pretend it holds exactly one image
+    broken = datas[:2] + [b"not an image"] + datas[2:]
+    failures = process.decode(inbox, broken, segment, out.shape, True, [False] * len(broken))
+    assert inbox.segment.id != small and small not in process.mapped
+    assert list(failures) == [2] and failures[2].startswith("UnidentifiedImageError")
+    assert np.array_equal(out[: len(datas)], expected)
+    process.close()
 def test_lanes_stream_at_the_same_time(synthetic_shards, monkeypatch):
     from pixeldit.data_pipelines import source
     meet = threading.Barrier(2, timeout=20)
@@ -175,9 +271,10 @@ def corrupt_copy(src, dst, *, corrupt_sample=None, truncate=None):
     return str(dst)
 
 
-def test_corrupt_image_is_skipped_and_counted_by_pil_and_named_by_dali(synthetic_shards, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_is_skipped_and_counted_by_pil_and_named_by_dali(synthetic_shards, tmp_path, workers):
     root = corrupt_copy(synthetic_shards, tmp_path / "bad", corrupt_sample=3)
-    loader = ShardLoader(spec_for(root))
+    loader = ShardLoader(spec_for(root, lanes=max(1, workers)), num_workers=workers)
     keys = keys_of(loader)
     assert len(keys) == 230 // 8 * 8 - 1 or len(keys) == 230 // 8 * 8  # it may sit in the dropped remainder
     kept_indices = [i for b in ShardLoader(spec_for(synthetic_shards)) for i in b["index"].tolist()]

@@ -23,7 +23,7 @@ import torch
 
 from ..diffusion.randomness import stream_seed
 from . import images
-from .decode_processes import DecodeProcess, DecodeProcesses, Segment, shared_array
+from .decode_processes import DecodeProcess, DecodeProcesses, Inbox, Segment, shared_array
 from .features import (
     FeatureManifest,
     LockstepReader,
@@ -170,12 +170,12 @@ def decode_here(datas, pixels: torch.Tensor, crop: bool, flips) -> dict[int, str
     return images.decode_batch(datas, pixels.numpy(), crop, flips)
 
 
-def decode_in(process: DecodeProcess, buffers: BatchBuffers):
+def decode_in(process: DecodeProcess, buffers: BatchBuffers, inbox: Inbox):
     """`decode_here`, done by `process` into the shared buffer `pixels` lives in."""
     def decode(datas, pixels: torch.Tensor, crop: bool, flips) -> dict[int, str]:
         segment = buffers.segment(pixels)
         try:
-            return process.decode(datas, segment, tuple(pixels.shape), crop, flips)
+            return process.decode(inbox, datas, segment, tuple(pixels.shape), crop, flips)
         finally:
             if segment.one_off:
                 segment.close()
@@ -286,27 +286,36 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
     groups = [lane_batches(spec, epoch, lane, lane_position(batches_done, lanes, lane), decode=False)
               for lane in range(lanes)]
     read_turn = [lane_position(batches_done, lanes, lane) for lane in range(lanes)]
-    turn_changed = threading.Condition()
-    progress = threading.Condition()  # guards: claimed, delivered, finished, stopped
+    turns = threading.Lock()
+    turn_changed = [threading.Condition(turns) for _ in range(lanes)]  # wakes only the threads of that lane
+    state = threading.Lock()  # guards: claimed, delivered, finished, stopped
+    room, ready = threading.Condition(state), threading.Condition(state)  # for the threads, for the consumer
     claimed, delivered, finished, stopped = batches_done, batches_done, {}, False
     ahead = batches_in_flight(threads, prefetch)
 
     def read(k: int):
         lane, position = k % lanes, k // lanes
-        with turn_changed:
-            turn_changed.wait_for(lambda: read_turn[lane] == position)
+        with turn_changed[lane]:
+            turn_changed[lane].wait_for(lambda: read_turn[lane] == position)
         try:  # outside the lock: other lanes stream at the same time (object storage latency)
             return next(groups[lane])
         finally:
-            with turn_changed:
+            with turn_changed[lane]:
                 read_turn[lane] += 1
-                turn_changed.notify_all()
+                turn_changed[lane].notify_all()
 
-    def work(decode):
+    def work(process: DecodeProcess):
+        inbox = process.take_inbox()
+        try:
+            decode_lane(decode_in(process, buffers, inbox))
+        finally:
+            process.return_inbox(inbox)
+
+    def decode_lane(decode):
         nonlocal claimed
         while True:
-            with progress:
-                progress.wait_for(lambda: stopped or claimed >= total or claimed < delivered + ahead)
+            with room:
+                room.wait_for(lambda: stopped or claimed >= total or claimed < delivered + ahead)
                 if stopped or claimed >= total:
                     return
                 k, claimed = claimed, claimed + 1
@@ -316,27 +325,27 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
                     batch.update({name: batch[name].pin_memory() for name in ("image", "repa") if name in batch})
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer, in batch order
                 batch = e
-            with progress:
+            with ready:
                 finished[k] = batch
-                progress.notify_all()
+                ready.notify()
 
     for thread in range(threads):
         process = processes[thread % len(processes.processes)]
-        threading.Thread(target=work, args=(decode_in(process, buffers),), daemon=True).start()
+        threading.Thread(target=work, args=(process,), daemon=True).start()
     try:
         for k in range(batches_done, total):
-            with progress:
-                progress.wait_for(lambda: k in finished)
+            with ready:
+                ready.wait_for(lambda: k in finished)
                 batch = finished.pop(k)
                 delivered = k + 1
-                progress.notify_all()
+                room.notify()  # one more batch may be claimed
             if isinstance(batch, BaseException):
                 raise batch
             yield batch
     finally:
-        with progress:
+        with room:
             stopped = True  # threads finish the batch in hand and quit
-            progress.notify_all()
+            room.notify_all()
 
 
 class ShardLoader:
