@@ -6,7 +6,7 @@ Two shard sets hold the same photos: "original" (ImageNet-like 280-500 px JPEGs,
 loader does the ADM crop to 256) and "crop256" (cropped to 256² at write time, the
 loader only decodes). Per set it times whole epochs (each reads the set `--passes` times):
 
-* ours: ShardLoader with the pil decoder on W decode threads (W lanes), and with DALI (CPU);
+* ours: ShardLoader with the pil decoder on W decode processes (W lanes), and with DALI (CPU);
 * plain: the ~20-line webdataset + PIL + ToTensor pipeline a user would write, W workers;
 * bound: the fastest full JPEG decode here (PIL, torchvision or simplejpeg; plus the ADM crop on
   "original") of the same bytes, already in memory, on W processes. No I/O, no batching.
@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import io
 import multiprocessing as mp
+import os
 import pstats
 import resource
 import statistics
@@ -65,6 +66,9 @@ def parse_args() -> argparse.Namespace:
                     "per-epoch worker start-up weighs less, as in a real epoch (without writing more photos)")
     ap.add_argument("--repeat", type=int, default=2, help="timed epochs per pipeline (after one warm-up)")
     ap.add_argument("--window", type=int, default=512, help="shuffle window (ours and plain)")
+    ap.add_argument("--consumer-ms", type=float, default=0.0, metavar="MS",
+                    help="per batch, ours and plain's consumer holds the GIL this long, as a training loop's "
+                    "kernel dispatch does (ratios to the bound, which has no consumer, then mean little)")
     ap.add_argument("--workdir", default=None, help="keep the shard sets here (reused if present)")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="after timing, cProfile one in-process epoch (num_workers=0) and print the top ROWS")
@@ -98,11 +102,38 @@ def spec_for(root: str, lanes: int, args, passes: int) -> LoaderSpec:
                       False, None, 3, True)
 
 
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds of live processes (rusage only sees children once they are joined)."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def hold_the_gil(ms: float):
+    """What a training loop does between batches: pure Python (kernel dispatch), holding the GIL."""
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        sum(range(100))
+
+
 # Each pipeline returns a runner: one call runs one epoch and yields (images, CPU s not seen by rusage).
 def ours(root: str, decoder: str, workers: int, args):
     spec = spec_for(root, max(1, workers), args, args.passes)
     loader = ShardLoader(spec, decoder, workers if decoder == "pil" else 0)
-    return lambda: ((len(b["key"]), 0.0) for b in loader)  # every iter() is the next epoch
+
+    def decode_processes() -> list[int]:  # started by the first epoch, kept across epochs
+        return loader.processes.pids() if loader.processes else []
+
+    def epoch():  # every iter() is the next epoch
+        before = process_cpu(decode_processes())
+        for batch in loader:
+            hold_the_gil(args.consumer_ms)
+            yield len(batch["key"]), 0.0
+        yield 0, process_cpu(decode_processes()) - before
+    return epoch
 
 
 def plain(root: str, crop: bool, workers: int, args):
@@ -120,7 +151,12 @@ def plain(root: str, crop: bool, workers: int, args):
     dataset = (wds.WebDataset(shard_urls(root, args.passes), shardshuffle=False, nodesplitter=wds.split_by_node)
                .shuffle(args.window).decode("pil").map(prepare).batched(args.batch, partial=False))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers)
-    return lambda: ((x.shape[0], 0.0) for x, _ in loader)
+
+    def epoch():
+        for x, _ in loader:
+            hold_the_gil(args.consumer_ms)
+            yield x.shape[0], 0.0
+    return epoch
 
 
 def _decode_pil(name: str, crop: int, i: int) -> float:
