@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 1 bench/gpu_check.py --json gpu_check.json
 
 1. DALI `mixed` decode of real photographs vs the CPU decoders (same keys, pixel agreement, img/s);
-   the pil decoder into pinned batch memory (same pixels as on CPU, pinned).
+   the pil decoder's decode processes with batches copied into pinned memory on a CUDA host
+   (same pixels as on CPU, pinned).
 2. PixelDiT-XL bf16 train steps at 256², batch 32 per GPU, under fsdp and zero2 (same trainer code
    as CPU runs): img/s, MFU against the device's bf16 peak, peak memory.
 3. REPA: PixelDiT-B bf16 step with online DINOv2-B targets vs cached ones (bench/repa.py on cuda),
@@ -43,7 +44,7 @@ def dali_check(workdir: str) -> dict:
         write_shards(items, classes, root, policy=policy, shard_samples=64, progress=False)
         spec = LoaderSpec(load_manifest(root), root, 256, 32, 0, Split(1, 0, 2, 32), 64, False, None, 3, False)
         timings, batches = {}, {}
-        # pil on a CUDA host decodes into pinned batch memory (the caching host allocator): same pixels
+        # pil on a CUDA host: the reading threads copy each decoded batch into pinned memory: same pixels
         for label, decoder, device in (("pil", "pil", "cpu"), ("pil_pinned", "pil", "cuda"), ("dali", "dali", "cuda")):
             start = time.perf_counter()
             batches[label] = list(ShardLoader(spec, decoder, num_workers=2, device=device))

@@ -1,12 +1,10 @@
 """`build_loader(cfg, rank, world_size)`: batches {image uint8, label, key} from shards, resumable.
 
-Two decoders share one sample source (source.py): `pil` runs each lane (read,
-decode, stack) on its own thread in this process (libjpeg-turbo and Pillow
-release the GIL while they decode and resize, so lanes scale, and batches need
-no shared-memory hand-off between processes), `dali` gets the encoded bytes from the same lanes and decodes with
-DALI (`mixed` on a GPU, `cpu` otherwise). Either way
-the rank sees the same keys in the same order, and `state_dict()` after k
-batches lets a new loader continue with batch k + 1.
+Two decoders share one sample source (source.py): `pil` reads the lanes on threads of this
+process and has persistent decode processes (decode_processes.py) decode each batch into shared
+memory that becomes the batch tensor; `dali` gets the encoded bytes from the same lanes and
+decodes with DALI (`mixed` on a GPU, `cpu` otherwise). Either way the rank sees the same keys in
+the same order, and `state_dict()` after k batches lets a new loader continue with batch k + 1.
 """
 
 from __future__ import annotations
