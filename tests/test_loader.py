@@ -147,6 +147,22 @@ def test_a_killed_decode_process_is_named_and_a_resume_replaces_it(synthetic_sha
     loader.close()
 
 
+def test_decode_processes_outlive_a_sigterm_the_trainer_handles(synthetic_shards):
+    """SLURM signals every process of a job step; the trainer needs batches to reach its checkpoint."""
+    import os
+    import signal
+    spec = spec_for(synthetic_shards, lanes=2)
+    loader = ShardLoader(spec, num_workers=2)
+    batches = iter(loader)
+    head = [next(batches)]
+    for pid in loader.processes.pids():
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.2)
+    assert keys_of(head + list(batches)) == keys_of(ShardLoader(spec, num_workers=0))
+    assert not any(process_ended(pid) for pid in loader.processes.pids())
+    loader.close()
+
+
 def test_a_script_without_a_main_guard_can_use_decode_processes(synthetic_shards, tmp_path):
     """multiprocessing's spawn would re-run this script in every decode process and fail."""
     import subprocess

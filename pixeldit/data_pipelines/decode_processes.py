@@ -220,8 +220,11 @@ _CHILD = "import sys; from pixeldit.data_pipelines.decode_processes import serve
 
 
 def serve_socket(fd: int):
-    # Ctrl-C reaches the whole process group: the trainer handles it, and closing the socket ends us
+    # Ctrl-C reaches the whole process group and SLURM's SIGTERM every process of the job step:
+    # the trainer handles them (a SIGTERM saves a checkpoint, which takes more batches), and
+    # closing the socket, or the trainer's death, ends us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     serve(Connection(fd))
 
 

@@ -10,6 +10,7 @@ the same order, and `state_dict()` after k batches lets a new loader continue wi
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import weakref
@@ -357,6 +358,9 @@ class ShardLoader:
         self.device, self.prefetch = torch.device(device), prefetch
         self.epoch, self.batches_done = 0, 0
         self.stats = ReadStats()
+        if decoder == "pil" and num_workers > 0 and not hasattr(os, "memfd_create"):
+            raise ValueError(f"data.num_workers={num_workers}: the pil decoder's decode processes need Linux "
+                             f"(memfd_create); use data.num_workers=0 here")
         # started with the first epoch, kept until close() or until the loader is garbage
         self.processes = DecodeProcesses(num_workers) if decoder == "pil" and num_workers > 0 else None
         # + 4: the batches the consumer still holds (the step in flight, the one before it)

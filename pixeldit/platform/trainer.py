@@ -317,6 +317,7 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.monitor.close()
+            self.loader.close()  # its decode processes; a later fit() starts them again
         return self.state
 
 
