@@ -53,10 +53,12 @@ def test_epochs_are_reshuffled_and_reproducible(synthetic_shards):
     assert keys_of(other_seed) != first
 
 
-def test_workers_give_the_order_of_in_process_lanes(synthetic_shards):
-    in_process = keys_of(ShardLoader(spec_for(synthetic_shards, lanes=3), num_workers=0))
-    workers = keys_of(ShardLoader(spec_for(synthetic_shards, lanes=3), num_workers=3))
-    assert workers == in_process
+def test_workers_give_the_batches_of_in_process_lanes(synthetic_shards):
+    spec = spec_for(synthetic_shards, lanes=3, hflip=True)
+    in_process, workers = list(ShardLoader(spec, num_workers=0)), list(ShardLoader(spec, num_workers=3))
+    assert keys_of(workers) == keys_of(in_process)
+    assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+               for a, b in zip(workers, in_process, strict=True))
     # more lanes than batches for some lane counts: nobody fails, nothing is lost
     many = ShardLoader(spec_for(synthetic_shards, batch=32, lanes=8), num_workers=0)
     assert len(keys_of(many)) == 230 // 32 * 32
@@ -193,20 +195,46 @@ def test_a_batch_larger_than_the_inbox_grows_it_and_decodes_the_same(photo_shard
     from pixeldit.data_pipelines.loader import image_bytes
     reader = ShardReader(manifest, photo_shards["root"], None, 3, False)
     datas = [bytes(image_bytes(files)) for _, _, files in reader.read_run(0, 0, manifest.shards[0].samples)][:6]
-    process = DecodeProcess()
-    inbox = process.take_inbox()
     out, segment = shared_array((len(datas), 64, 64, 3))
     expected = np.empty_like(out)
     assert images.decode_batch(datas, expected, True, [False] * len(datas)) == {}
-    assert process.decode(inbox, datas[:1], segment, out.shape, True, [False]) == {}
-    small = inbox.segment.id
-    inbox.array = inbox.array[: len(datas[0])]  # pretend it holds exactly one image
-    broken = datas[:2] + [b"not an image"] + datas[2:]
-    failures = process.decode(inbox, broken, segment, out.shape, True, [False] * len(broken))
-    assert inbox.segment.id != small and small not in process.mapped
-    assert list(failures) == [2] and failures[2].startswith("UnidentifiedImageError")
-    assert np.array_equal(out[: len(datas)], expected)
-    process.close()
+
+    def shared_mappings(pid: int) -> int:
+        with open(f"/proc/{pid}/maps") as f:
+            return sum("memfd:pixeldit-batch" in line for line in f)
+
+    process = DecodeProcess()
+    try:
+        inbox = process.take_inbox()
+        assert process.decode(inbox, datas[:1], segment, out.shape, True, [False]) == {}
+        small = inbox.segment.id
+        assert shared_mappings(process.process.pid) == 2  # the inbox and the batch
+        inbox.array = inbox.array[: len(datas[0])]  # pretend it holds exactly one image
+        broken = datas[:2] + [b"not an image"] + datas[2:]
+        failures = process.decode(inbox, broken, segment, out.shape, True, [False] * len(broken))
+        assert inbox.segment.id != small and small not in process.mapped
+        assert shared_mappings(process.process.pid) == 2  # the old inbox was dropped
+        assert list(failures) == [2] and failures[2].startswith("UnidentifiedImageError")
+        assert np.array_equal(out[: len(datas)], expected)
+    finally:
+        process.close()
+
+
+def test_closing_the_loader_mid_epoch_ends_its_processes_and_the_next_iteration_resumes(synthetic_shards):
+    spec = spec_for(synthetic_shards, lanes=2)
+    full = keys_of(ShardLoader(spec, num_workers=0))
+    loader = ShardLoader(spec, num_workers=2)
+    batches = iter(loader)
+    head = [next(batches)]  # the other threads are reading and decoding ahead
+    pids = loader.processes.pids()
+    loader.close()
+    assert all(process_ended(pid) for pid in pids)
+    batches.close()  # its threads got errors from the closed processes, and end
+    rest = list(loader)  # continues after the batch delivered, with new processes
+    assert keys_of(head + rest) == full and not set(pids) & set(loader.processes.pids())
+    loader.close()
+
+
 def test_lanes_stream_at_the_same_time(synthetic_shards, monkeypatch):
     from pixeldit.data_pipelines import source
     meet = threading.Barrier(2, timeout=20)
@@ -291,7 +319,11 @@ def corrupt_copy(src, dst, *, corrupt_sample=None, truncate=None):
 def test_corrupt_image_is_skipped_and_counted_by_pil_and_named_by_dali(synthetic_shards, tmp_path, workers):
     root = corrupt_copy(synthetic_shards, tmp_path / "bad", corrupt_sample=3)
     loader = ShardLoader(spec_for(root, lanes=max(1, workers)), num_workers=workers)
-    keys = keys_of(loader)
+    batches = list(loader)
+    keys = keys_of(batches)
+    if workers:  # the images after the skipped one move up a slot, in the decode processes too
+        reference = list(ShardLoader(spec_for(root, lanes=workers), num_workers=0))
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, reference, strict=True))
     assert len(keys) == 230 // 8 * 8 - 1 or len(keys) == 230 // 8 * 8  # it may sit in the dropped remainder
     kept_indices = [i for b in ShardLoader(spec_for(synthetic_shards)) for i in b["index"].tolist()]
     corrupt_index = load_manifest(root).shards[0].samples + 3

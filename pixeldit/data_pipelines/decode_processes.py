@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -38,14 +37,19 @@ from . import images
 _segment_ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)
 class Segment:
-    """A batch buffer's shared memory: `fd` stays open while the buffer may be handed out again."""
+    """A shared buffer's file descriptor, open for as long as anyone holds this object.
+
+    Closed by garbage collection rather than by an owner: a thread may be passing the descriptor
+    to a process when the loader lets go of the buffer, and a descriptor closed under it could
+    be reused by another file by the time it is sent.
+    """
     id: int
     fd: int
     one_off: bool  # not kept by the pool: processes drop their mapping after decoding into it
 
-    def close(self):
+    def __del__(self):
         os.close(self.fd)
 
 
@@ -89,11 +93,6 @@ class Inbox:
             end += length
         return lengths
 
-    def close(self):
-        for segment in [*self.stale, *([self.segment] if self.segment else [])]:
-            segment.close()
-        self.stale, self.segment, self.array = [], None, None
-
 
 class DecodeProcess:
     """One decode process and its socket; batches are decoded in the order they are sent.
@@ -115,22 +114,18 @@ class DecodeProcess:
         self.sent = self.received = 0
         self.failed = False  # the socket broke: a reply may never come, so no one may wait for one
         self.mapped: set[int] = set()  # segments this process has a mapping of
-        self.inboxes: list[Inbox] = []
         self.idle_inboxes: list[Inbox] = []  # kept across epochs: the process keeps them mapped
 
     def take_inbox(self) -> Inbox:
         with self.send_lock:
-            if not self.idle_inboxes:
-                self.inboxes.append(Inbox())
-                self.idle_inboxes.append(self.inboxes[-1])
-            return self.idle_inboxes.pop()
+            return self.idle_inboxes.pop() if self.idle_inboxes else Inbox()
 
     def return_inbox(self, inbox: Inbox):
         with self.send_lock:
             self.idle_inboxes.append(inbox)
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return not self.failed and self.process.poll() is None
 
     def decode(self, inbox: Inbox, datas: Sequence[bytes], output: Segment, shape: tuple[int, ...], crop: bool,
                flips: Sequence[bool]) -> dict[int, str]:
@@ -144,6 +139,8 @@ class DecodeProcess:
         lengths = inbox.fill(datas)
         try:
             with self.send_lock:
+                if self.failed:
+                    raise EOFError("an earlier exchange with the process failed")
                 ticket, self.sent = self.sent, self.sent + 1
                 new = [s for s in (inbox.segment, output) if s.id not in self.mapped]
                 drop = [s.id for s in inbox.stale if s.id in self.mapped] + ([output.id] if output.one_off else [])
@@ -153,38 +150,45 @@ class DecodeProcess:
                     send_handle(self.conn, segment.fd, self.process.pid)
                     self.mapped.add(segment.id)
                 self.mapped.difference_update(drop)
-            for segment in inbox.stale:
-                segment.close()
             inbox.stale.clear()
             with self.replies:
                 self.replies.wait_for(lambda: self.received == ticket or self.failed)
                 if self.failed:
-                    raise EOFError("an earlier batch's exchange with the process failed")
+                    raise EOFError("an earlier exchange with the process failed")
                 try:
                     return self.conn.recv()
                 finally:
                     self.received += 1
                     self.replies.notify_all()
-        except (EOFError, OSError) as e:
-            with self.replies:
-                self.failed = True
-                self.replies.notify_all()
-            try:
-                code = self.process.wait(timeout=5)
+        except BaseException as e:
+            # half a message may have gone out, or a reply is left unread: nothing after it can be
+            # trusted, so no one may wait for a reply any more and the process is replaced
+            self.fail()
+            if not isinstance(e, (EOFError, OSError)):
+                raise
+            try:  # a process that died closes its socket a moment before its exit status is there
+                what = f"ended (exit code {self.process.wait(timeout=5)})"
             except subprocess.TimeoutExpired:
-                code = "none, still running"
-            raise RuntimeError(f"pil decode process {self.process.pid} ended (exit code {code}) while "
-                               f"decoding a batch; the loader starts a new one with the next epoch or resume") from e
+                what = "stopped answering"
+            raise RuntimeError(f"pil decode process {self.process.pid} {what} while decoding a batch; the "
+                               f"loader starts a new one with the next epoch or resume") from e
+
+    def fail(self):
+        with self.replies:
+            self.failed = True
+            self.replies.notify_all()
 
     def close(self):
-        self.conn.close()  # the process sees the end of its socket and returns
+        """End the process. Threads still waiting on it get an error; the socket's descriptor is
+        closed with this object, so none of them can reach a reused descriptor number."""
+        self.fail()
+        with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)  # the process sees the end of its socket and returns
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        for inbox in self.inboxes:
-            inbox.close()
 
 
 class DecodeProcesses:
@@ -216,16 +220,12 @@ class DecodeProcesses:
 
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-_CHILD = "import sys; from pixeldit.data_pipelines.decode_processes import serve_socket; serve_socket(int(sys.argv[1]))"
-
-
-def serve_socket(fd: int):
-    # Ctrl-C reaches the whole process group and SLURM's SIGTERM every process of the job step:
-    # the trainer handles them (a SIGTERM saves a checkpoint, which takes more batches), and
-    # closing the socket, or the trainer's death, ends us
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    serve(Connection(fd))
+# Signals first, before the imports: Ctrl-C reaches the whole process group and SLURM's SIGTERM
+# every process of the job step. The trainer handles them (a SIGTERM saves a checkpoint, which
+# takes more batches); closing the socket, or the trainer's death, ends the process.
+_CHILD = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+          "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+          "from pixeldit.data_pipelines.decode_processes import serve, Connection; serve(Connection(int(sys.argv[1])))")
 
 
 def serve(conn):
@@ -238,7 +238,7 @@ def serve(conn):
                 fd = recv_handle(conn)
                 mappings[segment] = mmap.mmap(fd, 0)
                 os.close(fd)
-        except EOFError:
+        except (EOFError, OSError):  # the loader closed or reset the socket: done
             return
         with memoryview(mappings[inbox]) as payload:
             ends = list(itertools.accumulate(lengths))
@@ -250,4 +250,7 @@ def serve(conn):
             del out, datas
         for segment in drop:
             mappings.pop(segment).close()
-        conn.send(failures)
+        try:
+            conn.send(failures)
+        except OSError:  # closed while we decoded: no one waits for this batch
+            return

@@ -157,10 +157,8 @@ class BatchBuffers:
         return segment
 
     def close(self):
-        """Close the pool's file descriptors; batches already handed out keep their memory."""
+        """Let go of the pool; batches already handed out keep their memory."""
         with self.lock:
-            for segment in self.segments.values():
-                segment.close()
             self.segments.clear()
             self.arrays.clear()
 
@@ -172,12 +170,7 @@ def decode_here(datas, pixels: torch.Tensor, crop: bool, flips) -> dict[int, str
 def decode_in(process: DecodeProcess, buffers: BatchBuffers, inbox: Inbox):
     """`decode_here`, done by `process` into the shared buffer `pixels` lives in."""
     def decode(datas, pixels: torch.Tensor, crop: bool, flips) -> dict[int, str]:
-        segment = buffers.segment(pixels)
-        try:
-            return process.decode(inbox, datas, segment, tuple(pixels.shape), crop, flips)
-        finally:
-            if segment.one_off:
-                segment.close()
+        return process.decode(inbox, datas, buffers.segment(pixels), tuple(pixels.shape), crop, flips)
     return decode
 
 
@@ -328,10 +321,13 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
                 finished[k] = batch
                 ready.notify()
 
-    for thread in range(threads):
-        process = processes[thread % len(processes.processes)]
-        threading.Thread(target=work, args=(process,), daemon=True).start()
+    started = []
     try:
+        lane_processes = [processes[p] for p in range(len(processes.processes))]  # replaces dead ones
+        for thread in range(threads):
+            started.append(threading.Thread(target=work, args=(lane_processes[thread % len(lane_processes)],),
+                                            daemon=True))
+            started[-1].start()
         for k in range(batches_done, total):
             with ready:
                 ready.wait_for(lambda: k in finished)
@@ -345,6 +341,8 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
         with room:
             stopped = True  # threads finish the batch in hand and quit
             room.notify_all()
+        for thread in started:  # so that nothing uses the processes or buffers after the epoch
+            thread.join()
 
 
 class ShardLoader:

@@ -317,7 +317,8 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.monitor.close()
-            self.loader.close()  # its decode processes; a later fit() starts them again
+            data.close()  # the epoch's threads end before the loader closes their decode processes
+            self.loader.close()  # a later fit() starts them again
         return self.state
 
 
