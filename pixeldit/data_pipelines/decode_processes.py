@@ -53,17 +53,26 @@ class Segment:
         os.close(self.fd)
 
 
+# Where an array starts in its mapping. libjpeg-turbo writes a 256² image into a destination 16
+# bytes past a 64-byte boundary 4% faster than into an aligned one, and 13% faster than 32 bytes
+# past one (simplejpeg into slots of a 32 × 256² batch, measured on this project's 2-core CI
+# machine: 0.346 / 0.361 / 0.397 ms). Allocations from malloc, which the decoders' own output
+# arrays come from, land 16 bytes past a boundary; a fresh mapping starts on a page.
+ARRAY_OFFSET = 16
+
+
 def shared_array(shape: tuple[int, ...], one_off: bool = False) -> tuple[np.ndarray, Segment]:
     """A uint8 array in shared memory: the mapping lives as long as the array (or a view of it)."""
     nbytes = int(np.prod(shape))
     fd = os.memfd_create("pixeldit-batch", os.MFD_CLOEXEC)
     try:
-        os.ftruncate(fd, nbytes)
-        memory = mmap.mmap(fd, nbytes)
+        os.ftruncate(fd, ARRAY_OFFSET + nbytes)
+        memory = mmap.mmap(fd, ARRAY_OFFSET + nbytes)
     except BaseException:
         os.close(fd)
         raise
-    return np.frombuffer(memory, dtype=np.uint8).reshape(shape), Segment(next(_segment_ids), fd, one_off)
+    array = np.frombuffer(memory, dtype=np.uint8, count=nbytes, offset=ARRAY_OFFSET).reshape(shape)
+    return array, Segment(next(_segment_ids), fd, one_off)
 
 
 class Inbox:
@@ -240,10 +249,11 @@ def serve(conn):
                 os.close(fd)
         except (EOFError, OSError):  # the loader closed or reset the socket: done
             return
-        with memoryview(mappings[inbox]) as payload:
+        with memoryview(mappings[inbox]) as whole, whole[ARRAY_OFFSET:] as payload:
             ends = list(itertools.accumulate(lengths))
             datas = [payload[end - length:end] for end, length in zip(ends, lengths)]
-            out = np.frombuffer(mappings[output], dtype=np.uint8, count=int(np.prod(shape))).reshape(shape)
+            out = np.frombuffer(mappings[output], dtype=np.uint8, count=int(np.prod(shape)),
+                                offset=ARRAY_OFFSET).reshape(shape)
             failures = images.decode_batch(datas, out, crop, flips)
             for data in datas:
                 data.release()
