@@ -220,6 +220,15 @@ def test_a_batch_larger_than_the_inbox_grows_it_and_decodes_the_same(photo_shard
         process.close()
 
 
+def test_shared_batch_arrays_sit_where_the_decoder_writes_fastest():
+    """16 bytes past a 64-byte boundary, like malloc's blocks (docs/benchmarks.md: 4-13% of a
+    256² decode); the process-vs-in-process pixel tests catch a process that writes elsewhere."""
+    from pixeldit.data_pipelines.decode_processes import ARRAY_OFFSET, shared_array
+    array, _ = shared_array((2, 8, 8, 3))
+    assert ARRAY_OFFSET % 64 == 16 and array.ctypes.data % 64 == ARRAY_OFFSET % 64
+    assert array[1].ctypes.data % 64 == array.ctypes.data % 64  # 8² or 256² RGB slots are 64-byte multiples
+
+
 def test_closing_the_loader_mid_epoch_ends_its_processes_and_the_next_iteration_resumes(synthetic_shards):
     spec = spec_for(synthetic_shards, lanes=2)
     full = keys_of(ShardLoader(spec, num_workers=0))
