@@ -180,29 +180,23 @@ def _decode_torchvision(name: str, crop: int, i: int) -> float:
     return time.process_time() - start
 
 
-def _decode_simplejpeg(name: str, crop: int, i: int) -> float:
-    start = time.process_time()
-    rgb = simplejpeg.decode_jpeg(_BYTES[name][i], "RGB")
-    if crop:
-        images.adm_center_crop(Image.fromarray(rgb), crop)
-    return time.process_time() - start
+_SCRATCH = np.empty(0, dtype=np.uint8)  # per pool process: the output buffer a reusing decode writes into
 
 
-_SCRATCH = np.empty(0, dtype=np.uint8)  # per pool process: the output buffer _decode_simplejpeg_reused reuses
-
-
-def _decode_simplejpeg_reused(name: str, crop: int, i: int) -> float:
-    """simplejpeg into one reused buffer placed as the loader places its batch slots (16 bytes
-    past a 64-byte boundary): no allocation or page faults per image, the fastest decode found."""
+def _decode_simplejpeg(name: str, crop: int, i: int, reuse: bool = False) -> float:
+    """`reuse`: into one buffer placed as the loader places its batch slots (16 bytes past a
+    64-byte boundary), without an allocation or page faults per image: the fastest decode found."""
     global _SCRATCH
     start = time.process_time()
-    data = _BYTES[name][i]
-    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-    if _SCRATCH.size < height * width * 3:
-        raw = np.empty(height * width * 3 + 64, dtype=np.uint8)
-        shift = (ARRAY_OFFSET - raw.ctypes.data) % 64
-        _SCRATCH = raw[shift:shift + height * width * 3]
-    rgb = simplejpeg.decode_jpeg(data, "RGB", buffer=_SCRATCH)
+    data, buffer = _BYTES[name][i], None
+    if reuse:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        if _SCRATCH.size < height * width * 3:
+            raw = np.empty(height * width * 3 + 64, dtype=np.uint8)
+            shift = (ARRAY_OFFSET - raw.ctypes.data) % 64
+            _SCRATCH = raw[shift:shift + height * width * 3]
+        buffer = _SCRATCH
+    rgb = simplejpeg.decode_jpeg(data, "RGB", buffer=buffer)
     if crop:
         images.adm_center_crop(Image.fromarray(rgb), crop)
     return time.process_time() - start
@@ -276,8 +270,8 @@ def main():
         runners[name, f"bound PIL ({W} procs)"] = bound(pools[0], W, _decode_pil, name, crop, args)
         runners[name, f"bound torchvision ({W} procs)"] = bound(pools[0], W, _decode_torchvision, name, crop, args)
         runners[name, f"bound simplejpeg ({W} procs)"] = bound(pools[0], W, _decode_simplejpeg, name, crop, args)
-        runners[name, f"bound simplejpeg reused ({W} procs)"] = bound(pools[0], W, _decode_simplejpeg_reused, name,
-                                                                       crop, args)
+        runners[name, f"bound simplejpeg reused ({W} procs)"] = bound(
+            pools[0], W, functools.partial(_decode_simplejpeg, reuse=True), name, crop, args)
         runners[name, "bound PIL (1 proc)"] = bound(pools[1], 1, _decode_pil, name, crop, args)
 
     runs = {key: [] for key in runners}

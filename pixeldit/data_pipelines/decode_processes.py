@@ -5,8 +5,8 @@ still takes it to start, to crop and to hand back, and two decode threads on two
 of their time waiting for it (measured; see docs/benchmarks.md). A process per lane decodes with
 no one to wait for. Everything else stays in the loader's threads: reading, order, retries,
 resume and REPA lockstep are the same code as for the DALI decoder and the in-process path. A
-process receives a batch's encoded bytes over a pipe (15 KB an image pre-cropped) and decodes
-them into a batch buffer the loader owns; only the failures come back.
+process finds a batch's encoded bytes (15 KB an image pre-cropped) in a shared inbox and decodes
+them into a batch buffer the loader owns; only the failures come back over its socket.
 
 Batch buffers are memfd files (Linux): anonymous, so nothing is left behind if the trainer is
 killed, and not limited by the size of /dev/shm (64 MB in a default Docker container). A
@@ -204,18 +204,19 @@ class DecodeProcesses:
     """A loader's decode processes, started on first use and kept across epochs."""
 
     def __init__(self, count: int):
+        self.count = count
         self.processes: list[DecodeProcess | None] = [None] * count
         self.lock = threading.Lock()
 
-    def __getitem__(self, lane: int) -> DecodeProcess:
-        """Lane `lane`'s process, replacing one that has died (it is checked once per epoch)."""
+    def running(self) -> list[DecodeProcess]:
+        """All of them, started or replaced where one has died (checked once per epoch)."""
         with self.lock:
-            process = self.processes[lane]
-            if process is None or not process.alive():
-                if process is not None:
-                    process.close()
-                process = self.processes[lane] = DecodeProcess()
-            return process
+            for i, process in enumerate(self.processes):
+                if process is None or not process.alive():
+                    if process is not None:
+                        process.close()
+                    self.processes[i] = DecodeProcess()
+            return list(self.processes)
 
     def pids(self) -> list[int]:
         return [p.process.pid for p in self.processes if p is not None]
@@ -225,7 +226,7 @@ class DecodeProcesses:
             for process in self.processes:
                 if process is not None:
                     process.close()
-            self.processes = [None] * len(self.processes)
+            self.processes = [None] * self.count
 
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])

@@ -272,7 +272,6 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
     batches into page-locked memory for asynchronous copies to the GPU, as DataLoader's
     pin_memory does (shared memory is not page-locked).
     """
-    threads = THREADS_PER_PROCESS * len(processes.processes)
     lanes = spec.split.lanes
     total = EpochPlan(spec.manifest, spec.seed, epoch, spec.split).batches_per_rank
     groups = [lane_batches(spec, epoch, lane, lane_position(batches_done, lanes, lane), decode=False)
@@ -283,7 +282,7 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
     state = threading.Lock()  # guards: claimed, delivered, finished, stopped
     room, ready = threading.Condition(state), threading.Condition(state)  # for the threads, for the consumer
     claimed, delivered, finished, stopped = batches_done, batches_done, {}, False
-    ahead = batches_in_flight(threads, prefetch)
+    ahead = batches_in_flight(THREADS_PER_PROCESS * processes.count, prefetch)
 
     def read(k: int):
         lane, position = k % lanes, k // lanes
@@ -323,10 +322,8 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
 
     started = []
     try:
-        lane_processes = [processes[p] for p in range(len(processes.processes))]  # replaces dead ones
-        for thread in range(threads):
-            started.append(threading.Thread(target=work, args=(lane_processes[thread % len(lane_processes)],),
-                                            daemon=True))
+        for process in processes.running() * THREADS_PER_PROCESS:
+            started.append(threading.Thread(target=work, args=(process,), daemon=True))
             started[-1].start()
         for k in range(batches_done, total):
             with ready:
