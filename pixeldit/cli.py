@@ -165,6 +165,8 @@ def cmd_repa_cache(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixeldit", description="PixelDiT training platform")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of user errors too (or set PIXELDIT_DEBUG=1)")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     info = verbs.add_parser("info", help="parameters and FLOPs of a model")
@@ -245,6 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def debug_enabled(args=None) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("PIXELDIT_DEBUG", "") not in ("", "0")
+
+
+def report_user_error(verb: str, error: BaseException):
+    """One line on stderr; under torchrun also the elastic error file, so torchrun's summary shows it."""
+    rank = os.environ.get("RANK")
+    where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    line = f"pixeldit {verb}{where}: error: {error}"
+    print(line, file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+        ErrorHandler().record_exception(error)
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `pixeldit launch ... -- <train arguments>`: everything after -- belongs to the launched train
@@ -252,12 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(argv)
     args.train_args = train_args
+    from pixeldit.errors import PixelDiTError
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        # bad input is the user's to fix: one clear line, no traceback
-        message = e.args[0] if len(e.args) == 1 else str(e)  # OSError args are (errno, text)
-        print(f"pixeldit {args.verb}: error: {message}", file=sys.stderr)
+    except PixelDiTError as e:
+        # the user's to fix: one line naming the problem and the fix; the traceback only when asked
+        if debug_enabled(args):
+            raise
+        report_user_error(args.verb, e)
         return 2
 
 

@@ -56,6 +56,11 @@ class ReadStats:
     def as_dict(self) -> dict[str, int]:
         return {"retries": self.retries, "corrupt": self.corrupt, "unreadable": self.unreadable}
 
+    def scalars(self) -> dict[str, int]:
+        """What the monitor logs to TensorBoard, by tag."""
+        return {"data/corrupt_images": self.corrupt, "data/unreadable_samples": self.unreadable,
+                "data/retries": self.retries}
+
 
 @dataclass(frozen=True)
 class Split:

@@ -18,12 +18,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from ..errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
-
-
-class ConfigError(ValueError):
-    """A bad key or value; the message starts with the key path."""
 
 
 # ---------------------------------------------------------------- sections
@@ -72,9 +70,16 @@ class DataConfig:
     retries: int = 5
     # a shard that keeps failing: skip its remaining samples and count them, or stop the run
     skip_failed_shards: bool = True
+    # corrupt content (undecodable image, bad label, truncated member) is skipped and counted; past
+    # this fraction of an epoch's samples the run stops (docs/data.md)
+    max_skipped_fraction: float = 0.001
+    # overall deadline of one storage operation, retries included; past it the run stops naming the URL
+    io_timeout_s: float = 120.0
 
     def check(self, path: str):
-        _positive(self, path, "image_size", "shuffle_window", "retries")
+        _positive(self, path, "image_size", "shuffle_window", "retries", "io_timeout_s")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError(f"{path}.max_skipped_fraction={self.max_skipped_fraction} must be in [0, 1]")
         if self.num_workers < 0:
             raise ConfigError(f"{path}.num_workers={self.num_workers} must be >= 0")
 

@@ -94,8 +94,7 @@ class Monitor:
             "train/loss": metrics["loss"], "train/grad_norm": metrics["grad_norm"], "train/lr": metrics["lr"],
             "train/clip": metrics["clip"], "train/stage": metrics["stage"], "train/skipped_steps": state.skipped,
             "perf/images_per_s": images_per_s, "perf/step_time_s": step_time, "perf/data_wait_share": data_share,
-            "data/corrupt_images": loader.stats.corrupt, "data/unreadable_samples": loader.stats.unreadable,
-            "data/retries": loader.stats.retries, "data/epoch": loader.epoch,
+            **loader.stats.scalars(), "data/epoch": loader.epoch,
             "memory/ema_bytes_per_rank": ema.local_bytes(),
         }
         if metrics.get("loss_repa") is not None:

@@ -1,0 +1,37 @@
+"""The project's exception types: the line between the user's problems and our bugs.
+
+A `PixelDiTError` is something the person running the command can fix (a config value, a
+path, credentials, an unreachable endpoint, a weights file, bad data). The command line
+prints it as one line naming the problem and the fix, with the traceback behind `--debug`
+or `PIXELDIT_DEBUG=1`. Anything else is a bug and keeps its traceback.
+
+The subclasses keep the builtin they replaced as a second base (ValueError,
+FileNotFoundError, ...) so that callers who caught the builtin still do.
+"""
+
+from __future__ import annotations
+
+
+class PixelDiTError(Exception):
+    """A problem the user can fix. The message names the file, key, URL or field, and the fix."""
+
+
+class ConfigError(PixelDiTError, ValueError):
+    """A bad config key or value; the message starts with the key path."""
+
+
+class DataError(PixelDiTError):
+    """Data that cannot be used as it is: a manifest, a shard, a label, a class count."""
+
+
+class CheckpointError(PixelDiTError):
+    """A run directory or checkpoint that cannot be resumed or exported as it is."""
+
+
+class WeightsError(PixelDiTError, ValueError):
+    """A weights file (DINOv2, Inception, an export, the authors' .ckpt) that cannot be loaded."""
+
+
+class LaunchError(PixelDiTError, ValueError):
+    """A launch layout (nodes, processes, hostfile, batch) that cannot work."""
+
