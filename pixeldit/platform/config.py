@@ -207,6 +207,9 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = 10
     tensorboard: bool = True
+    # Weights & Biases beside TensorBoard (pip install 'pixeldit[wandb]'; WANDB_MODE=offline works)
+    wandb: bool = False
+    wandb_project: str = "pixeldit"
     # EMA sample grid in TensorBoard every N steps (0: never); few images, fixed seeds and classes
     sample_every_steps: int = 0
     sample_steps: int = 25
