@@ -15,20 +15,28 @@ from __future__ import annotations
 class PixelDiTError(Exception):
     """A problem the user can fix. The message names the file, key, URL or field, and the fix."""
 
+    def __str__(self):
+        # the message as written: KeyError would quote it, OSError would prefix an errno
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
 
 class ConfigError(PixelDiTError, ValueError):
     """A bad config key or value; the message starts with the key path."""
 
 
-class DataError(PixelDiTError):
+class DataError(PixelDiTError, ValueError):
     """Data that cannot be used as it is: a manifest, a shard, a label, a class count."""
+
+
+class MissingFileError(PixelDiTError, FileNotFoundError):
+    """A file or folder the user named (or a command expects) is not there."""
 
 
 class CheckpointError(PixelDiTError):
     """A run directory or checkpoint that cannot be resumed or exported as it is."""
 
 
-class WeightsError(PixelDiTError, ValueError):
+class WeightsError(PixelDiTError, ValueError, KeyError):
     """A weights file (DINOv2, Inception, an export, the authors' .ckpt) that cannot be loaded."""
 
 

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from ..errors import ConfigError, DataError, MissingFileError
 from .manifest import ShardInfo, manifest_url, parse_manifest_json
 from .source import ReadStats, ShardReader
 from .storage import read_bytes, write_bytes
@@ -64,9 +65,9 @@ class FeatureManifest:
         try:
             manifest = cls(**data)
         except TypeError as e:
-            raise ValueError(f"{where}: malformed feature manifest: {e}") from None
+            raise DataError(f"{where}: malformed feature manifest: {e}") from None
         if manifest.dtype not in DTYPES or manifest.flip not in FLIPS:
-            raise ValueError(f"{where}: dtype {manifest.dtype!r} / flip {manifest.flip!r} unknown")
+            raise DataError(f"{where}: dtype {manifest.dtype!r} / flip {manifest.flip!r} unknown")
         return manifest
 
 
@@ -75,7 +76,7 @@ def load_feature_manifest(root: str, options: dict | None = None) -> FeatureMani
     try:
         text = read_bytes(url, options).decode()
     except FileNotFoundError:
-        raise FileNotFoundError(f"no feature manifest at {url} (write one with `pixeldit repa-cache`)") from None
+        raise MissingFileError(f"no feature manifest at {url} (write one with `pixeldit repa-cache`)") from None
     return FeatureManifest.from_json(text, url)
 
 
@@ -86,10 +87,10 @@ def save_feature_manifest(root: str, manifest: FeatureManifest, options: dict | 
 def check_mirrors(features: FeatureManifest, images, where: str):
     """The feature set must have the image set's shards with the same sample counts."""
     if len(features.shards) != len(images.shards):
-        raise ValueError(f"{where}: {len(features.shards)} feature shards for {len(images.shards)} image shards")
+        raise DataError(f"{where}: {len(features.shards)} feature shards for {len(images.shards)} image shards")
     for f, i in zip(features.shards, images.shards):
         if f.name != i.name or f.samples != i.samples:
-            raise ValueError(f"{where}: feature shard {f.name} ({f.samples} samples) does not mirror image shard "
+            raise DataError(f"{where}: feature shard {f.name} ({f.samples} samples) does not mirror image shard "
                              f"{i.name} ({i.samples} samples)")
 
 
@@ -108,7 +109,7 @@ def encode(tokens: torch.Tensor, dtype: str, suffix: str = "") -> dict[str, byte
         scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
         q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
         return {"feat" + suffix: q.numpy().tobytes(), "scale" + suffix: scale.squeeze(1).numpy().tobytes()}
-    raise ValueError(f"feature dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    raise ConfigError(f"feature dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
 
 
 def decode(files: dict[str, bytes], manifest: FeatureManifest, flipped: bool, where: str) -> torch.Tensor:
@@ -116,12 +117,12 @@ def decode(files: dict[str, bytes], manifest: FeatureManifest, flipped: bool, wh
     T, C, dtype = manifest.tokens, manifest.dim, manifest.dtype
     suffix = "_flip" if flipped and manifest.flip == "both" else ""
     if flipped and manifest.flip == "none":
-        raise ValueError(f"{where}: features were cached with flip=none; flipped images need flip=both or grid")
+        raise DataError(f"{where}: features were cached with flip=none; flipped images need flip=both or grid")
     data = files.get("feat" + suffix)
     expected = T * C * _ITEMSIZE[dtype]
     if data is None or len(data) != expected:
         got = "no feat" + suffix if data is None else f"{len(data)} bytes"
-        raise ValueError(f"{where}: feature has {got}, expected {expected} bytes ({T} x {C} {dtype})")
+        raise DataError(f"{where}: feature has {got}, expected {expected} bytes ({T} x {C} {dtype})")
     if dtype == "fp16":
         x = torch.frombuffer(bytearray(data), dtype=torch.float16)
     elif dtype == "bf16":
@@ -129,7 +130,7 @@ def decode(files: dict[str, bytes], manifest: FeatureManifest, flipped: bool, wh
     else:
         scale = files.get("scale" + suffix)
         if scale is None or len(scale) != 4 * T:
-            raise ValueError(f"{where}: int8 feature without a {T}-token scale")
+            raise DataError(f"{where}: int8 feature without a {T}-token scale")
         q = torch.frombuffer(bytearray(data), dtype=torch.int8).view(T, C)
         x = (q.float() * torch.frombuffer(bytearray(scale), dtype=torch.float32)[:, None]).half()
     x = x.view(T, C)
@@ -172,7 +173,7 @@ class LockstepReader:
         feature_run = self.features.read_run(shard, first, stop)
         for (member, key, files), (f_member, f_key, f_files) in zip(image_run, feature_run):
             if (member, key) != (f_member, f_key):
-                raise ValueError(f"{self.features.url(shard)}: sample {f_member} has key {f_key!r}, but "
+                raise DataError(f"{self.features.url(shard)}: sample {f_member} has key {f_key!r}, but "
                                  f"{self.images.url(shard)} has {key!r} there: the features do not mirror the images")
             files.update({"repa." + ext: data for ext, data in f_files.items()})
             yield member, key, files

@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from ..errors import DataError, MissingFileError
 from .storage import join, read_bytes, write_bytes
 
 FORMAT = "pixeldit-shards"
@@ -61,7 +62,7 @@ class Manifest:
             data["image"] = ImagePolicy(**data.get("image", {}))
             return cls(**data)
         except TypeError as e:
-            raise ValueError(f"{where}: malformed manifest: {e}") from None
+            raise DataError(f"{where}: malformed manifest: {e}") from None
 
 
 def parse_manifest_json(text: str, where: str, fmt: str, version: int) -> dict:
@@ -69,16 +70,16 @@ def parse_manifest_json(text: str, where: str, fmt: str, version: int) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON: {e}") from None
+        raise DataError(f"{where}: not valid JSON: {e}") from None
     if data.get("format") != fmt:
-        raise ValueError(f"{where}: not a {fmt} manifest (format={data.get('format')!r})")
+        raise DataError(f"{where}: not a {fmt} manifest (format={data.get('format')!r})")
     if data.get("version") != version:
-        raise ValueError(f"{where}: manifest version {data.get('version')} is not supported (expected {version})")
+        raise DataError(f"{where}: manifest version {data.get('version')} is not supported (expected {version})")
     data.pop("num_samples", None)
     try:
         data["shards"] = [ShardInfo(**s) for s in data["shards"]]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{where}: malformed manifest: {e}") from None
+        raise DataError(f"{where}: malformed manifest: {e}") from None
     return data
 
 
@@ -100,7 +101,7 @@ def read_manifest(root: str, options: dict | None = None) -> tuple[Manifest, str
     try:
         data = read_bytes(url, options)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no shard manifest at {url} (write shards with `pixeldit shards write`)") from None
+        raise MissingFileError(f"no shard manifest at {url} (write shards with `pixeldit shards write`)") from None
     return Manifest.from_json(data.decode(), url), hashlib.sha256(data).hexdigest()
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError, DataError
 from ..models.dinov2 import DinoV2Encoder
 from .features import DTYPES, FLIPS, FeatureManifest, encode, save_feature_manifest
 from .loader import batched, decode_image, image_bytes
@@ -43,7 +44,7 @@ def cache_features(data: str, out: str, encoder: DinoV2Encoder, *, dtype: str = 
     from tqdm import tqdm
 
     if dtype not in DTYPES or flip not in FLIPS:
-        raise ValueError(f"dtype={dtype!r} / flip={flip!r}: expected one of {DTYPES} / {FLIPS}")
+        raise ConfigError(f"dtype={dtype!r} / flip={flip!r}: expected one of {DTYPES} / {FLIPS}")
     images, images_sha256 = read_manifest(data, options)
     settings = {"encoder": encoder.name, "weights_sha256": encoder.digest, "image_size": encoder.image_size,
                 "dtype": dtype, "flip": flip, "images_sha256": images_sha256}
@@ -85,7 +86,7 @@ def _decode(item, size: int, crop: bool) -> torch.Tensor | None:
     try:
         data = image_bytes(files)
         if data is None:
-            raise ValueError(f"no image among {sorted(files)}")
+            raise DataError(f"no image among {sorted(files)}")
         return decode_image(data, size, crop)
     except Exception as e:  # noqa: BLE001 - the sample keeps its slot with zero features
         log.warning("sample %r does not decode (%s: %s); its features are zeros", key, type(e).__name__, e)
@@ -117,7 +118,7 @@ def _recorded(out: str, shard_name: str, settings: dict, options) -> bool:
     record = json.loads(read_bytes(url, options))
     if record["settings"] != settings:
         changed = sorted(k for k in settings if record["settings"].get(k) != settings[k])
-        raise ValueError(f"{url}: written with other settings ({', '.join(changed)}); use the same ones to "
+        raise DataError(f"{url}: written with other settings ({', '.join(changed)}); use the same ones to "
                          f"resume, or write to another --out")
     return True
 

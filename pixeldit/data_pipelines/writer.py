@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import ConfigError, DataError, MissingFileError
 from . import images, synthetic
 from .manifest import ImagePolicy, Manifest, ShardInfo, save_manifest
 from .storage import filesystem, join, protocol_of, read_bytes, strip_protocol, write_bytes
@@ -63,10 +64,10 @@ def list_image_folder(root: str) -> tuple[list[SourceItem], list[str]]:
     """An ImageNet-style folder: one subfolder per class, classes indexed in sorted order."""
     path = Path(root)
     if not path.is_dir():
-        raise FileNotFoundError(f"source folder not found: {root}")
+        raise MissingFileError(f"source folder not found: {root}")
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{root}: no class subfolders")
+        raise DataError(f"{root}: no class subfolders")
     refs, labels = [], []
     for label, name in enumerate(classes):
         for f in sorted((path / name).rglob("*")):
@@ -86,21 +87,21 @@ def list_file_list(list_path: str) -> tuple[list[SourceItem], list[str]]:
             continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"{list_path}:{n}: expected 'path label', got {line!r}")
+            raise DataError(f"{list_path}:{n}: expected 'path label', got {line!r}")
         ref = parts[0] if "://" in parts[0] or os.path.isabs(parts[0]) else os.path.join(base, parts[0])
         refs.append(ref)
         labels.append(int(parts[1]))
     if not refs:
-        raise ValueError(f"{list_path}: no entries")
+        raise DataError(f"{list_path}: no entries")
     if min(labels) < 0:
-        raise ValueError(f"{list_path}: negative label {min(labels)}")
+        raise DataError(f"{list_path}: negative label {min(labels)}")
     classes = [str(i) for i in range(max(labels) + 1)]
     return [SourceItem(r, lab, k) for r, lab, k in zip(refs, labels, _unique_keys(refs))], classes
 
 
 def synthetic_items(num_classes: int, per_class: int, size: int, seed: int) -> tuple[list[SourceItem], list[str]]:
     if not 1 <= num_classes <= len(synthetic.CLASSES):
-        raise ValueError(f"synthetic data has 1..{len(synthetic.CLASSES)} classes, asked for {num_classes}")
+        raise ConfigError(f"synthetic data has 1..{len(synthetic.CLASSES)} classes, asked for {num_classes}")
     items = [SourceItem(f"synthetic:{i}:{size}:{seed}", i % num_classes, f"synth{i:07d}")
              for i in range(num_classes * per_class)]
     return items, synthetic.CLASSES[:num_classes]
@@ -170,11 +171,11 @@ def write_shards(items: list[SourceItem], classes: list[str], dst: str, *, polic
                  progress: bool = True) -> Manifest:
     policy = policy or ImagePolicy()
     if policy.mode not in ("original", "adm"):
-        raise ValueError(f"image policy {policy.mode!r}: expected 'original' or 'adm'")
+        raise ConfigError(f"image policy {policy.mode!r}: expected 'original' or 'adm'")
     if policy.mode == "adm" and not policy.size:
-        raise ValueError("the adm crop needs a size (--size)")
+        raise ConfigError("the adm crop needs a size (--size)")
     if policy.format not in images.FORMATS:
-        raise ValueError(f"image format {policy.format!r}: expected one of {sorted(images.FORMATS)}")
+        raise ConfigError(f"image format {policy.format!r}: expected one of {sorted(images.FORMATS)}")
     if not shard_samples and not shard_bytes:
         shard_samples = 1000
     order = np.random.default_rng(seed).permutation(len(items))
@@ -273,10 +274,10 @@ def _resume_state(dst, options, fingerprint):
         return [], [], 0
     data = json.loads(fs.cat_file(path))
     if data.get("fingerprint") != fingerprint:
-        raise ValueError(f"{join(dst, PARTIAL)}: an unfinished write with other sources or settings is here; "
+        raise DataError(f"{join(dst, PARTIAL)}: an unfinished write with other sources or settings is here; "
                          f"use the same arguments to resume it, or delete the folder")
     shards = [ShardInfo(**s) for s in data["shards"]]
     for shard in shards:
         if not fs.exists(strip_protocol(join(dst, shard.name))):
-            raise FileNotFoundError(f"{join(dst, shard.name)} is listed as finished but missing")
+            raise DataError(f"{join(dst, shard.name)} is listed as finished but missing")
     return shards, data["skipped"], data["consumed"]

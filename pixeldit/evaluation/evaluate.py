@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import DataError, MissingFileError
 from .inception import POOL_DIM, SPATIAL_DIM, FIDInceptionV3, InceptionFeatures, full_fp32, load_inception
 from .metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 
@@ -40,12 +41,12 @@ PR_NEIGHBOURS = 3
 
 def _npz_keys(path: str) -> list[str]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     try:
         with zipfile.ZipFile(path) as zf:
             return [name[:-4] for name in zf.namelist() if name.endswith(".npy")]
     except zipfile.BadZipFile:
-        raise ValueError(f"{path}: not an .npz file") from None
+        raise DataError(f"{path}: not an .npz file") from None
 
 
 def _read_header(f):
@@ -59,13 +60,13 @@ def image_count(path: str, keys: list[str] | None = None) -> tuple[int, int, int
     """(N, H, W) of arr_0 from the header alone; a ValueError naming the file unless uint8 (N, H, W, 3)."""
     keys = _npz_keys(path) if keys is None else keys
     if "arr_0" not in keys:
-        raise ValueError(f"{path}: no arr_0 images (arrays: {', '.join(keys) or 'none'})")
+        raise DataError(f"{path}: no arr_0 images (arrays: {', '.join(keys) or 'none'})")
     with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
         shape, _, dtype = _read_header(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
-        raise ValueError(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {tuple(shape)}")
+        raise DataError(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {tuple(shape)}")
     if shape[0] < 2:
-        raise ValueError(f"{path}: arr_0 holds {shape[0]} image(s); statistics need at least 2")
+        raise DataError(f"{path}: arr_0 holds {shape[0]} image(s); statistics need at least 2")
     return shape[0], shape[1], shape[2]
 
 
@@ -82,7 +83,7 @@ def iter_image_batches(path: str, batch_size: int):
             n = min(batch_size, shape[0] - start)
             data = f.read(n * image_bytes)
             if len(data) != n * image_bytes:
-                raise ValueError(f"{path}: arr_0 is truncated at image {start}")
+                raise DataError(f"{path}: arr_0 is truncated at image {start}")
             yield np.frombuffer(bytearray(data), dtype).reshape(n, *shape[1:])
 
 
@@ -96,13 +97,13 @@ def read_reference(path: str) -> dict:
                 continue
             for key, shape in ((mu_key, (dim,)), (sigma_key, (dim, dim))):
                 if key not in keys:
-                    raise ValueError(f"{path}: has {mu_key if key == sigma_key else sigma_key} but no {key}")
+                    raise DataError(f"{path}: has {mu_key if key == sigma_key else sigma_key} but no {key}")
                 value = npz[key]
                 if value.shape != shape:
-                    raise ValueError(f"{path}: {key} has shape {value.shape}, expected {shape}")
+                    raise DataError(f"{path}: {key} has shape {value.shape}, expected {shape}")
                 reference[key] = value.astype(np.float64)
     if not reference["images"] and "mu" not in reference:
-        raise ValueError(f"{path}: a reference needs arr_0 images or mu and sigma "
+        raise DataError(f"{path}: a reference needs arr_0 images or mu and sigma "
                          f"(arrays: {', '.join(keys) or 'none'})")
     return reference
 
@@ -191,7 +192,7 @@ class InceptionStats:
     def compute(self) -> tuple[np.ndarray, np.ndarray]:
         n = int(self.count.item())
         if n < 2:
-            raise ValueError(f"FID statistics need at least 2 images, got {n}")
+            raise DataError(f"FID statistics need at least 2 images, got {n}")
         mu = self.total / n
         sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()

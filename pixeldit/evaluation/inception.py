@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import inception as tv
+
+from ..errors import MissingFileError, WeightsError
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -138,13 +141,17 @@ def _read_state_dict(source: str) -> dict:
     if source.startswith(("http://", "https://")):
         # no check_hash: whether "6726825d" in the release names is a SHA-256 prefix is unverified (pytorch-fid
         # and torch-fidelity do not check it either); the layout and shape checks below still apply
-        return torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=True)
+        try:
+            return torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=True)
+        except OSError as e:  # URLError, timeouts, refused connections: offline machines are common
+            raise WeightsError(f"{source}: could not fetch the Inception weights ({type(e).__name__}: {e}); "
+                               f"download the file elsewhere and pass --inception PATH") from None
     if not os.path.isfile(source):
-        raise FileNotFoundError(f"{source}: no such Inception weights file")
+        raise MissingFileError(f"{source}: no such Inception weights file")
     try:
         state = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated download or a non-torch file: say which file
-        raise ValueError(f"{source}: cannot be read as a torch state dict ({type(e).__name__}: {e})") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # a bad pickle, a bad zip, a short file
+        raise WeightsError(f"{source}: cannot be read as a torch state dict ({type(e).__name__}: {e})") from e
     return state
 
 
@@ -156,26 +163,26 @@ def load_inception(source: str | None = None, device: str | torch.device = "cpu"
     """
     source = source or os.environ.get(INCEPTION_ENV)
     if not source:
-        raise ValueError(f"no Inception weights: pass --inception PATH or set {INCEPTION_ENV} "
+        raise WeightsError(f"no Inception weights: pass --inception PATH or set {INCEPTION_ENV} "
                          f"(download {FID_WEIGHTS_URL})")
     state = _read_state_dict(source)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{source}: not a state dict of tensors")
+        raise WeightsError(f"{source}: not a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if "Mixed_7c.branch_pool.conv.weight" not in state:
         first = ", ".join(list(state)[:3]) or "none"
-        raise ValueError(f"{source}: unknown Inception weights layout (expected torchvision module names as in "
+        raise WeightsError(f"{source}: unknown Inception weights layout (expected torchvision module names as in "
                          f"pytorch-fid's / torch-fidelity's file, e.g. Mixed_7c.branch_pool.conv.weight; "
                          f"first keys: {first})")
     model = FIDInceptionV3()
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     for key, value in expected.items():
         if key not in state:
-            raise ValueError(f"{source}: missing Inception weight {key}")
+            raise WeightsError(f"{source}: missing Inception weight {key}")
         if state[key].shape != value.shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}"
+            raise WeightsError(f"{source}: {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}"
                              + (" (torchvision's ImageNet Inception is not the FID network)" if key == "fc.weight"
                                 else ""))
     # the converted files carry no num_batches_tracked (unused in eval) and nothing else we read

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError, DataError, MissingFileError, WeightsError
 from ..diffusion.samplers import SAMPLERS, GuidedVelocity, sample, timestep_grid, to_uint8
 from ..models import PixelDiT
 
@@ -70,9 +71,9 @@ def load_sampling_model(source: str, weights: str = "ema", device="cpu") -> tupl
     from ..platform.export import consolidate_checkpoint, load_exported, read_export_metadata
 
     if weights not in ("ema", "model"):
-        raise ValueError(f"weights={weights!r}: expected 'ema' or 'model'")
+        raise ConfigError(f"weights={weights!r}: expected 'ema' or 'model'")
     if not os.path.exists(source):
-        raise FileNotFoundError(f"{source}: no such file or directory (expected an exported .safetensors, "
+        raise MissingFileError(f"{source}: no such file or directory (expected an exported .safetensors, "
                                 f"a training run directory or the authors' .ckpt)")
     if os.path.isdir(source):
         with warnings.catch_warnings():
@@ -89,14 +90,9 @@ def load_sampling_model(source: str, weights: str = "ema", device="cpu") -> tupl
                            int(meta["image_size"]) if "image_size" in meta else None,
                            float(meta["time_shift"]) if "time_shift" in meta else None)
         return load_exported(source, weights, device), info
-    try:
-        imported = load_authors_checkpoint(source)
-    except (KeyError, ValueError):
-        raise
-    except Exception as e:  # unpickling errors come in many types; all mean "not a checkpoint"
-        raise ValueError(f"{source}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    imported = load_authors_checkpoint(source)
     if imported[weights] is None:
-        raise KeyError(f"{source}: has no {GROUPS[weights]}* weights (try --weights "
+        raise WeightsError(f"{source}: has no {GROUPS[weights]}* weights (try --weights "
                        f"{'model' if weights == 'ema' else 'ema'})")
     return _model_from_state(imported["arch"], imported[weights], device), ModelSource("authors", source, weights)
 
@@ -170,7 +166,7 @@ def _prepare_parts(folder: str, settings: dict) -> np.ndarray:
             previous = json.load(f)
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise ValueError(f"{folder} holds parts sampled with other settings ({', '.join(changed)} differ); "
+            raise DataError(f"{folder} holds parts sampled with other settings ({', '.join(changed)} differ); "
                              f"delete it to start over, or write to another --out")
     else:
         tmp = f"{path}.tmp.{os.getpid()}"
@@ -195,7 +191,7 @@ def _assemble(folder: str, out_path: str, labels: torch.Tensor, image_size: int)
         owner[parts[name]] = k
     missing = np.flatnonzero(owner < 0)
     if len(missing):
-        raise RuntimeError(f"{folder}: {len(missing)} images have no part (first: {missing[:5].tolist()})")
+        raise DataError(f"{folder}: {len(missing)} images have no part (first: {missing[:5].tolist()})")
     last_use = {k: i for i, k in enumerate(owner.tolist())}
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (n, image_size, image_size, 3)}
@@ -212,7 +208,7 @@ def _assemble(folder: str, out_path: str, labels: torch.Tensor, image_size: int)
                 position, images = open_parts[k]
                 image = np.ascontiguousarray(images[position[i]])
                 if image.shape != (image_size, image_size, 3) or image.dtype != np.uint8:
-                    raise RuntimeError(f"{folder}/{names[k]}: image {i} is {image.dtype} {image.shape}, "
+                    raise DataError(f"{folder}/{names[k]}: image {i} is {image.dtype} {image.shape}, "
                                        f"expected uint8 {(image_size, image_size, 3)}")
                 f.write(image.tobytes())
                 if i < GRID_IMAGES:
@@ -278,15 +274,15 @@ def sample_to_npz(model: PixelDiT, out_path: str, *, classes=None, per_class: in
     classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
     outside = [c for c in classes if not 0 <= c < num_classes]
     if not classes or outside:
-        raise ValueError(f"classes {outside[:5] or '[]'}: this model has classes 0..{num_classes - 1}")
+        raise ConfigError(f"classes {outside[:5] or '[]'}: this model has classes 0..{num_classes - 1}")
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+        raise ConfigError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
     if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype={dtype!r}: expected 'fp32' or 'bf16'")
+        raise ConfigError(f"dtype={dtype!r}: expected 'fp32' or 'bf16'")
     if per_class < 1 or batch_size < 1 or steps < 1:
-        raise ValueError(f"per_class={per_class}, batch_size={batch_size}, steps={steps}: each must be >= 1")
+        raise ConfigError(f"per_class={per_class}, batch_size={batch_size}, steps={steps}: each must be >= 1")
     if image_size % model.arch.patch_size:
-        raise ValueError(f"image size {image_size} is not divisible by the patch size {model.arch.patch_size}")
+        raise ConfigError(f"image size {image_size} is not divisible by the patch size {model.arch.patch_size}")
     labels = image_labels(classes, per_class)
     n = len(labels)
     folder = out_path + PARTS_SUFFIX
@@ -317,7 +313,7 @@ def sample_to_npz(model: PixelDiT, out_path: str, *, classes=None, per_class: in
                             device=_collective_device(device))
         dist.all_reduce(sees, op=dist.ReduceOp.MIN)
         if sees.item() < 1:
-            raise FileNotFoundError(f"{folder}: not visible from every rank; several nodes need --out on a "
+            raise MissingFileError(f"{folder}: not visible from every rank; several nodes need --out on a "
                                     f"filesystem they share")
     todo = np.setdiff1d(np.arange(n, dtype=np.int64), answer)
     batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]

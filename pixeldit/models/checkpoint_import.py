@@ -9,10 +9,12 @@ prefix strip plus a shape check against the architecture read off the weights.
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError, WeightsError
 from .pixeldit import PixelDiT, PixelDiTArch
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ def infer_arch(denoiser: dict[str, torch.Tensor]) -> PixelDiTArch:
         head_dim = denoiser["patch_blocks.0.attn.q_norm.weight"].shape[0]
         num_classes = denoiser["y_embedder.embedding_table.weight"].shape[0] - 1
     except KeyError as e:
-        raise KeyError(f"not a PixelDiT denoiser state dict: missing {e.args[0]!r}") from None
+        raise WeightsError(f"not a PixelDiT denoiser state dict: missing {e.args[0]!r}") from None
     in_channels = 3
     patch_size = round((patch_in / in_channels) ** 0.5)
     patch_depth = 1 + max(int(k.split(".")[1]) for k in denoiser if k.startswith("patch_blocks."))
@@ -46,7 +48,7 @@ def infer_arch(denoiser: dict[str, torch.Tensor]) -> PixelDiTArch:
     layouts = {6 * p2 * d_pix: ("pixel", False), 4 * p2 * d_pix: ("pixel", True),
                6 * d_pix: ("patch", False), 4 * d_pix: ("patch", True)}
     if mod_width not in layouts:
-        raise ValueError(f"pixel_blocks.0.adaLN_modulation.0.weight has {mod_width} rows; "
+        raise WeightsError(f"pixel_blocks.0.adaLN_modulation.0.weight has {mod_width} rows; "
                          f"expected one of {sorted(layouts)} for p={patch_size}, D_pix={d_pix}")
     pixel_adaln, post = layouts[mod_width]
     return PixelDiTArch(pixel_depth=1 + max(int(k.split(".")[1]) for k in pixel_keys),
@@ -57,11 +59,11 @@ def _check_against(model_sd: dict, group: dict, what: str):
     missing = sorted(set(model_sd) - set(group))
     unexpected = sorted(set(group) - set(model_sd))
     if missing or unexpected:
-        raise KeyError(f"{what}: missing keys {missing[:10]}{'…' if len(missing) > 10 else ''}, "
+        raise WeightsError(f"{what}: missing keys {missing[:10]}{'…' if len(missing) > 10 else ''}, "
                        f"unexpected keys {unexpected[:10]}{'…' if len(unexpected) > 10 else ''}")
     for k, ref in model_sd.items():
         if tuple(group[k].shape) != tuple(ref.shape):
-            raise ValueError(f"{what}: {k} has shape {tuple(group[k].shape)}, expected {tuple(ref.shape)}")
+            raise WeightsError(f"{what}: {k} has shape {tuple(group[k].shape)}, expected {tuple(ref.shape)}")
 
 
 def import_authors_state_dict(state_dict: dict, arch: PixelDiTArch | None = None) -> dict:
@@ -75,11 +77,11 @@ def import_authors_state_dict(state_dict: dict, arch: PixelDiTArch | None = None
         state_dict = state_dict["state_dict"]
     stray = sorted(k for k in state_dict if not any(k.startswith(p) for p in GROUPS.values()))
     if stray:
-        raise KeyError(f"unexpected keys outside {list(GROUPS.values())}: {stray[:10]}")
+        raise WeightsError(f"unexpected keys outside {list(GROUPS.values())}: {stray[:10]}")
     groups = {name: _group(state_dict, prefix) for name, prefix in GROUPS.items()}
     source = groups["ema"] or groups["model"]
     if not source:
-        raise KeyError("checkpoint has neither 'denoiser.' nor 'ema_denoiser.' weights")
+        raise WeightsError("checkpoint has neither 'denoiser.' nor 'ema_denoiser.' weights")
     arch = arch or infer_arch(source)
     with torch.device("meta"):
         reference = PixelDiT(arch).state_dict()
@@ -92,10 +94,10 @@ def import_authors_state_dict(state_dict: dict, arch: PixelDiTArch | None = None
     if proj:
         expected = {f"{i}.{kind}" for i in (0, 2, 4) for kind in ("weight", "bias")}
         if set(proj) != expected:
-            raise KeyError(f"diffusion_trainer.proj.0.*: missing keys {sorted(expected - set(proj))}, "
+            raise WeightsError(f"diffusion_trainer.proj.0.*: missing keys {sorted(expected - set(proj))}, "
                            f"unexpected keys {sorted(set(proj) - expected)}")
         if proj["0.weight"].shape[1] != arch.hidden_size:
-            raise ValueError(f"diffusion_trainer.proj.0.0.weight takes {proj['0.weight'].shape[1]} inputs, "
+            raise WeightsError(f"diffusion_trainer.proj.0.0.weight takes {proj['0.weight'].shape[1]} inputs, "
                              f"the model's hidden size is {arch.hidden_size}")
     out["projector"] = proj or None
     return out
@@ -105,12 +107,19 @@ def load_authors_checkpoint(path: str | Path, arch: PixelDiTArch | None = None) 
     """Load their .ckpt from disk and import it (see import_authors_state_dict)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"authors' checkpoint not found: {path}")
+        raise MissingFileError(f"authors' checkpoint not found: {path}")
+    # torch.load's failures for a file that is not a checkpoint: a bad pickle, a bad zip, a short file
+    not_a_checkpoint = (pickle.UnpicklingError, RuntimeError, EOFError)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # Lightning stores hyper-parameters as arbitrary objects
+    except pickle.UnpicklingError as e:  # Lightning stores hyper-parameters as arbitrary objects
         log.warning("%s is not loadable with weights_only=True (%s); loading it as a trusted file", path, e)
-        raw = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except not_a_checkpoint as e2:
+            raise WeightsError(f"{path}: not a PyTorch checkpoint ({type(e2).__name__}: {e2})") from None
+    except not_a_checkpoint as e:
+        raise WeightsError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
     try:
         return import_authors_state_dict(raw, arch)
     except (KeyError, ValueError) as e:

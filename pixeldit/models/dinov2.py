@@ -18,10 +18,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..errors import MissingFileError, WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,9 +81,9 @@ def infer_size(state: dict[str, torch.Tensor], where: str) -> dict:
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
         hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{where}: not a DINOv2 state dict (missing {e})") from None
+        raise WeightsError(f"{where}: not a DINOv2 state dict (missing {e})") from None
     if patch != PATCH:
-        raise ValueError(f"{where}: patch size {patch}, DINOv2 uses {PATCH}")
+        raise WeightsError(f"{where}: patch size {patch}, DINOv2 uses {PATCH}")
     swiglu = "blocks.0.mlp.fc2.weight" in state and state["blocks.0.mlp.fc2.weight"].shape[1] * 2 == hidden
     return {"embed_dim": dim, "depth": depth, "num_heads": max(1, dim // 64), "swiglu": swiglu,
             "mlp_ratio": hidden / dim}  # timm sizes fc1 (both halves, for SwiGLU) as dim · mlp_ratio
@@ -104,22 +107,25 @@ def read_state_dict(weights: str) -> tuple[dict[str, torch.Tensor], str]:
         url = META_URL.format(name=weights)
         try:
             state = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - offline machines are common: say what to do
-            raise FileNotFoundError(f"repa.encoder_weights={weights}: could not fetch {url} ({type(e).__name__}: "
-                                    f"{e}); download it elsewhere and point repa.encoder_weights at the file") from e
+        except OSError as e:  # URLError, timeouts, refused connections: offline machines are common
+            raise WeightsError(f"repa.encoder={weights}: could not fetch {url} ({type(e).__name__}: {e}); "
+                               f"download it elsewhere and set repa.encoder (or --encoder) to the file") from e
         return state, url
     if not os.path.exists(weights):
-        raise FileNotFoundError(f"repa.encoder_weights={weights}: no such file (or a hub name: {', '.join(SIZES)})")
+        raise MissingFileError(f"repa.encoder={weights}: no such file (or a hub name: {', '.join(SIZES)})")
     if weights.endswith(".safetensors"):
         from safetensors.torch import load_file
         state = load_file(weights)
     else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # a bad pickle, a bad zip, a short file
+            raise WeightsError(f"repa.encoder={weights}: not a torch state dict ({type(e).__name__}: {e})") from None
     for wrapper in ("model", "state_dict", "teacher"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
     if not isinstance(state, dict):
-        raise ValueError(f"{weights}: expected a state dict, found {type(state).__name__}")
+        raise WeightsError(f"{weights}: expected a state dict, found {type(state).__name__}")
     return state, os.path.abspath(weights)
 
 
@@ -177,7 +183,7 @@ def load_dinov2(weights: str, image_size: int = 256, device="cpu", dtype=torch.f
     state["pos_embed"] = resize_pos_embed_like_meta(state["pos_embed"], grid)
     missing, unexpected = vit.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{where}: does not fit DINOv2 (embed {size['embed_dim']}, depth {size['depth']}): "
+        raise WeightsError(f"{where}: does not fit DINOv2 (embed {size['embed_dim']}, depth {size['depth']}): "
                          f"missing {missing[:4]}, unexpected {unexpected[:4]}")
     name = next((n for n, s in SIZES.items() if s[:2] == (size["embed_dim"], size["depth"])),
                 f"dinov2-custom-{size['embed_dim']}x{size['depth']}")

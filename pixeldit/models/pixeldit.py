@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .layers import (
     Attention,
     ClassEmbedder,
@@ -52,19 +53,19 @@ class PixelDiTArch:
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
-            raise ValueError(f"model.variant={self.variant!r}: expected one of {VARIANTS}")
+            raise ConfigError(f"model.variant={self.variant!r}: expected one of {VARIANTS}")
         if self.pixel_adaln not in PIXEL_ADALN:
-            raise ValueError(f"model.pixel_adaln={self.pixel_adaln!r}: expected one of {PIXEL_ADALN}")
+            raise ConfigError(f"model.pixel_adaln={self.pixel_adaln!r}: expected one of {PIXEL_ADALN}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
         if (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(f"head size {self.hidden_size // self.num_heads} must be divisible by 4 (2D RoPE)")
+            raise ConfigError(f"head size {self.hidden_size // self.num_heads} must be divisible by 4 (2D RoPE)")
         if self.variant == "pixeldit" and self.pixel_depth < 1:
-            raise ValueError("model.pixel_depth must be >= 1 for the pixeldit variant (use variant=dit)")
+            raise ConfigError("model.pixel_depth must be >= 1 for the pixeldit variant (use variant=dit)")
         for name in ("patch_depth", "hidden_size", "pixel_hidden_size", "num_heads", "patch_size", "num_classes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be positive")
 
 
 PRESETS: dict[str, PixelDiTArch] = {
@@ -81,11 +82,11 @@ PRESETS: dict[str, PixelDiTArch] = {
 
 def resolve_arch(name: str, **overrides) -> PixelDiTArch:
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(sorted(PRESETS))}")
     fields = {f.name for f in dataclasses.fields(PixelDiTArch)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown model override(s) {unknown}; known: {sorted(fields)}")
+        raise ConfigError(f"unknown model override(s) {unknown}; known: {sorted(fields)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
 

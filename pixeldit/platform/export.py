@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from ..errors import ConfigError, MissingFileError, WeightsError
 from ..models import PixelDiT, PixelDiTArch, build_projector
 from .checkpoint import latest_checkpoint, read_meta
 from .ema import load_full_ema
@@ -29,7 +30,7 @@ def resolve_checkpoint(path: str) -> str:
             latest = latest_checkpoint(root)
             if latest:
                 return latest
-    raise FileNotFoundError(f"{path}: no checkpoint (expected a run directory or checkpoints/step_NNNNNNNN)")
+    raise MissingFileError(f"{path}: no checkpoint (expected a run directory or checkpoints/step_NNNNNNNN)")
 
 
 def _template(arch: PixelDiTArch, meta: dict) -> dict[str, torch.Tensor]:
@@ -68,7 +69,7 @@ def consolidate_checkpoint(path: str, parts=("model", "ema", "projector")) -> di
     """
     unknown = set(parts) - {"model", "ema", "projector"}
     if unknown:
-        raise ValueError(f"unknown checkpoint parts {sorted(unknown)}; known: model, ema, projector")
+        raise ConfigError(f"unknown checkpoint parts {sorted(unknown)}; known: model, ema, projector")
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     arch = _arch_from_meta(meta)
@@ -117,15 +118,15 @@ def _arch_from_meta(meta: dict) -> PixelDiTArch:
 
 def read_export_metadata(path: str) -> dict:
     """The metadata of one of our exports; a clear error for any other file."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error type for a file that is not one
-        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    except SafetensorError as e:
+        raise WeightsError(f"{path}: not a safetensors file ({e})") from None
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a pixeldit export (format={metadata.get('format')!r})")
+        raise WeightsError(f"{path}: not a pixeldit export (format={metadata.get('format')!r})")
     return metadata
 
 
@@ -134,7 +135,7 @@ def load_exported(path: str, weights: str = "ema", device="cpu") -> PixelDiT:
     from safetensors import safe_open
 
     if weights not in ("ema", "model"):
-        raise ValueError(f"weights={weights!r}: expected 'ema' or 'model'")
+        raise ConfigError(f"weights={weights!r}: expected 'ema' or 'model'")
     arch = PixelDiTArch(**json.loads(read_export_metadata(path)["arch"]))
     with safe_open(path, framework="pt", device=str(device)) as f:
         prefix = weights + "."

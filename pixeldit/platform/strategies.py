@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..errors import CheckpointError, ConfigError
 from .checkpoint import (dcp_load, dcp_save, exists, join, load_torch, local_folder, read_text, remove,
                          save_torch, write_text)
 from .ema import Fragment
@@ -292,7 +293,7 @@ class ZeroStrategy(Strategy):
             finally:
                 self.engine._config.load_universal_checkpoint = False
         if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {join(path, tag)}")
+            raise CheckpointError(f"no DeepSpeed checkpoint under {join(path, tag)}")
         self._skipped = self.engine.skipped_steps
 
     def _universal(self, path: str, saved_world: int) -> str:
@@ -376,4 +377,4 @@ def build_strategy(module: TrainModule, cfg, device: torch.device) -> Strategy:
         return FSDPStrategy(module, cfg, device)
     if name in ("zero1", "zero2", "zero3"):
         return ZeroStrategy(module, cfg, device, int(name[-1]))
-    raise ValueError(f"distributed.strategy={name!r}: expected one of {STRATEGIES}")
+    raise ConfigError(f"distributed.strategy={name!r}: expected one of {STRATEGIES}")
