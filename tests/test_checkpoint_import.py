@@ -9,7 +9,7 @@ from pixeldit.models.layers import swiglu_hidden
 
 
 def authors_denoiser(arch, gen):
-    """Tensors named and shaped as in PIXELDIT_REFERENCE.md's checkpoint section (not from our module)."""
+    """Tensors named and shaped as in the authors' release (docs/pixeldit.md) (not from our module)."""
     D, p, dp, C = arch.hidden_size, arch.patch_size, arch.pixel_hidden_size, 3
     dh = D // arch.num_heads
     p2 = p * p

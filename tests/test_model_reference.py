@@ -1,4 +1,4 @@
-"""Independent check of the PixelDiT model against shared/PIXELDIT_REFERENCE.md.
+"""Independent check of the PixelDiT model against the paper's and the authors' facts (docs/pixeldit.md).
 
 `reference_forward` below is a functional forward pass written from the spec
 text alone: it reads nothing but the tensors of ``model.state_dict()`` (the

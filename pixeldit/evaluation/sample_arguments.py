@@ -38,7 +38,7 @@ def _positive(text: str) -> int:
 def add_sample_arguments(parser: argparse.ArgumentParser):
     parser.description = (
         "Sample class-conditional images into an ADM-suite .npz (arr_0: uint8 N x H x W x 3 in image order, "
-        "arr_1: labels). Image i has label classes[i %% len(classes)] and noise from (seed, i), so the result "
+        "arr_1: labels). Image i has label classes[i mod len(classes)] and noise from (seed, i), so the result "
         "does not depend on the batch size or the number of processes. Interrupted runs resume from "
         "<out>.parts/. Several processes: torchrun --nproc-per-node 8 -m pixeldit sample ... "
         "The paper's 320-epoch FID setting: --sampler ab2 --steps 100 --cfg-scale 2.75 --cfg-interval 0.1 0.9 "

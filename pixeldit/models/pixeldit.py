@@ -2,7 +2,7 @@
 
 Shapes: B images of H×W, patch size p, L = (H/p)(W/p) patch tokens of width D,
 B·L groups of p² pixel tokens of width D_pix. The facts (chunk orders, RoPE
-pairing, embeddings, init) follow shared/PIXELDIT_REFERENCE.md.
+pairing, embeddings, init) follow the paper and the authors' release (docs/pixeldit.md).
 """
 
 from __future__ import annotations
