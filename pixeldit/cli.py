@@ -107,14 +107,29 @@ def cmd_train(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, args.run_dir)
-    state = trainer.fit()
+    try:
+        trainer = Trainer(cfg, args.run_dir)
+        state = trainer.fit()
+    except KeyboardInterrupt:
+        # a Ctrl-C before training began, or the second one (the first saves and stops: Trainer.fit);
+        # one line instead of a traceback, and the shell's code for an interrupt
+        print("pixeldit train: aborted (Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr,
+              flush=True)
+        return 130
     if trainer.rank == 0:
         run = os.path.abspath(trainer.run_dir)
-        print(f"trained {state.step} steps ({state.skipped} skipped) in {run}")
+        if trainer.stopped_by:
+            print(f"stopped at step {state.step} of {cfg.train.steps} on request ({trainer.stopped_by}), "
+                  f"checkpoint saved; the same command resumes from it ({run})")
+        else:
+            print(f"trained {state.step} steps ({state.skipped} skipped) in {run}")
         root = trainer.checkpoint_root if "://" in trainer.checkpoint_root else os.path.abspath(trainer.checkpoint_root)
         print(f"  checkpoints   {root} (pixeldit export {run} model.safetensors)")
-        print(f"  tensorboard   tensorboard --logdir {os.path.join(run, 'tensorboard')}")
+        if cfg.logging.tensorboard:
+            print(f"  tensorboard   tensorboard --logdir {os.path.join(run, 'tensorboard')}")
+        if cfg.logging.wandb:
+            print(f"  wandb         project {cfg.logging.wandb_project} "
+                  f"(offline: wandb sync {os.path.join(run, 'wandb', 'offline-run-*')})")
         if trainer.last_preview:
             print(f"  EMA samples   {os.path.abspath(trainer.last_preview)} (one row per class)")
     return 0
@@ -163,8 +178,17 @@ def cmd_repa_cache(args) -> int:
     return run_repa_cache_command(args)
 
 
+def package_version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("pixeldit")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixeldit", description="PixelDiT training platform")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of user errors too (or set PIXELDIT_DEBUG=1)")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -251,15 +275,19 @@ def debug_enabled(args=None) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("PIXELDIT_DEBUG", "") not in ("", "0")
 
 
-def report_user_error(verb: str, error: BaseException):
-    """One line on stderr; under torchrun also the elastic error file, so torchrun's summary shows it."""
+def report_user_error(verb: str, error: BaseException) -> str:
+    """One line on stderr; under torchrun also its per-rank error file, so its failure summary shows the line."""
     rank = os.environ.get("RANK")
     where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     line = f"pixeldit {verb}{where}: error: {error}"
     print(line, file=sys.stderr, flush=True)
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-        ErrorHandler().record_exception(error)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import json
+        import time
+        # torchelastic's error-file layout; without a py_callstack its summary prints the message itself
+        with open(error_file, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
     return line
 
 
