@@ -4,6 +4,7 @@ decode processes (which is why this module imports neither torch nor the rest of
 from __future__ import annotations
 
 import io
+import re
 from typing import Sequence
 
 import numpy as np
@@ -14,6 +15,14 @@ from PIL import Image
 Image.MAX_IMAGE_PIXELS = 100_000_000
 
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+# the members a sample's image is read from, first match wins (the loader's and the indexer's)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def failure_text(error: BaseException) -> str:
+    """Why an image was skipped, as listed in a manifest."""
+    # object addresses in messages would make two runs' manifests differ
+    return re.sub(r" ?<[^<>]* at 0x[0-9a-f]+>", "", f"{type(error).__name__}: {error}")
 
 
 def decode_rgb(data: bytes) -> Image.Image:

@@ -45,6 +45,11 @@ class Manifest:
     source: str = ""
     format: str = FORMAT
     version: int = VERSION
+    # where a sample's label is, first match wins: `cls` (the .cls member) or `json:FIELD`
+    label_sources: list[str] = field(default_factory=lambda: ["cls"])
+    # the shards' folder (absolute path or URL) when it is not the manifest's: sets indexed in
+    # place by `pixeldit shards index --out`; the .idx files stay beside the manifest
+    shard_base: str = ""
 
     @property
     def num_samples(self) -> int:
@@ -89,6 +94,12 @@ def manifest_url(root: str) -> str:
 
 def shard_root(url: str) -> str:
     return url.rsplit("/", 1)[0] if url.endswith(".json") else url.rstrip("/")
+
+
+def shard_url(manifest, root: str, name: str) -> str:
+    """Where the shard `name` of `manifest` (read from `root`) is: under its shard_base, else beside it."""
+    # feature manifests have no shard_base: their shards are always beside them
+    return join(getattr(manifest, "shard_base", "") or shard_root(root), name)
 
 
 def load_manifest(root: str, options: dict | None = None) -> Manifest:

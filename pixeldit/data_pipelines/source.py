@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from ..diffusion.randomness import stream_seed
-from .manifest import Manifest, shard_root
+from .manifest import Manifest, shard_root, shard_url
 from .storage import MappedFile, filesystem, is_local, is_transient, join, read_bytes, strip_protocol
 from .tario import iter_members, parse_index, read_exact, read_sample, slice_sample
 
@@ -174,7 +174,7 @@ class ShardReader:
         self._index: dict[int, list[tuple[int, int]]] = {}
 
     def url(self, shard: int) -> str:
-        return join(self.root, self.manifest.shards[shard].name)
+        return shard_url(self.manifest, self.root, self.manifest.shards[shard].name)
 
     def index(self, shard: int) -> list[tuple[int, int]]:
         if shard not in self._index:

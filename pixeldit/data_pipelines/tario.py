@@ -87,9 +87,14 @@ class ShardWriter:
         self._out.discarded = True
 
     def index_text(self) -> str:
-        lines = [f"{INDEX_VERSION} {len(self.entries)}"]
-        lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in sample) for sample in self.entries]
-        return "\n".join(lines) + "\n"
+        return index_text(self.entries)
+
+
+def index_text(entries: list[list[tuple[str, int, int, str]]]) -> str:
+    """A DALI (wds2idx v1.2) index: per sample, (extension, data offset, size, member name) of its members."""
+    lines = [f"{INDEX_VERSION} {len(entries)}"]
+    lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in sample) for sample in entries]
+    return "\n".join(lines) + "\n"
 
 
 class IndexedSample(NamedTuple):

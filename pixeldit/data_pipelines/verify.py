@@ -8,7 +8,7 @@ import io
 from tqdm import tqdm
 
 from . import images
-from .manifest import load_manifest, shard_root
+from .manifest import load_manifest, shard_root, shard_url
 from .storage import filesystem, join, read_bytes, strip_protocol
 from .tario import iter_samples, parse_index
 
@@ -20,7 +20,7 @@ def verify_shards(root: str, options: dict | None = None, decode: bool = False, 
     fs = filesystem(base, options)
     problems = []
     for shard in tqdm(manifest.shards, desc="verifying", unit="shard", disable=not progress):
-        url = join(base, shard.name)
+        url = shard_url(manifest, root, shard.name)
         try:
             data = read_bytes(url, options)
         except FileNotFoundError:

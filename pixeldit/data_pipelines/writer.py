@@ -123,8 +123,7 @@ def prepare_item(item: SourceItem, policy: ImagePolicy) -> tuple[SourceItem, dic
     except FileNotFoundError as e:
         return item, None, f"missing: {e}"
     except Exception as e:  # noqa: BLE001 - any decoder failure means "skip and list it"
-        # object addresses in messages would make two runs' manifests differ
-        return item, None, re.sub(r" ?<[^<>]* at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}")
+        return item, None, images.failure_text(e)
     if policy.mode == "adm":
         data, ext = images.encode(images.adm_center_crop(img, policy.size), policy.format, policy.quality), policy.format
     elif raw is not None and original_format is not None and _is_rgb(raw):
