@@ -148,20 +148,13 @@ def cmd_export(args) -> int:
 
 def cmd_launch(args) -> int:
     import shlex
-    import signal
     import subprocess
 
     from pixeldit import launchers
-    from pixeldit.platform.config import load_config
 
-    launch = launchers.plan(args.launcher, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
-                            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-                            hostfile=args.hostfile, train_args=args.train_args)
-    # the config the launched processes will load, checked here: a batch the ranks cannot share fails
-    # in this terminal, not minutes into an allocation
-    train = build_parser().parse_args(["train", *args.train_args])
-    cfg = load_config(train.config, train.overrides)
-    cfg.train.layout(launch.world, per_node=launch.nproc_per_node)
+    train_args = args.train_args
+    launch = launchers.Launch(nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, node_rank=args.node_rank,
+                              master_addr=args.master_addr, master_port=args.master_port, train_args=train_args)
     if args.launcher == "slurm":
         print(launchers.slurm_script(launch, partition=args.partition, time_limit=args.time), end="")
         return 0
@@ -170,18 +163,7 @@ def cmd_launch(args) -> int:
     else:
         cmd = launchers.deepspeed(launch, hostfile=args.hostfile, no_ssh=args.no_ssh)
     print(" ".join(shlex.quote(c) for c in cmd), flush=True)
-    if args.print_only:
-        return 0
-    process = subprocess.Popen(cmd)
-    while True:
-        try:
-            return process.wait()
-        except KeyboardInterrupt:
-            # the Ctrl-C reached the training processes too: they save and exit (a second one aborts
-            # them), so this process waits for them instead of killing the launcher under them
-            print("pixeldit launch: Ctrl-C: waiting for the training processes to save and exit "
-                  "(Ctrl-C again aborts them)", file=sys.stderr, flush=True)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+    return 0 if args.print_only else subprocess.call(cmd)
 
 
 def cmd_sample(args) -> int:
@@ -227,19 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", default=None, help="override train.run_dir")
     train.set_defaults(func=cmd_train)
 
-    launch = verbs.add_parser("launch", help="build (and run) a torchrun / deepspeed / SLURM launch of `train`",
-                              description="pixeldit launch LAUNCHER [options] -- TRAIN ARGUMENTS: the config and "
-                                          "--set overrides after `--` are loaded and the batch layout checked "
-                                          "against nodes x processes before anything starts")
+    launch = verbs.add_parser("launch", help="build (and run) a torchrun / deepspeed / SLURM launch of `train`")
     launch.add_argument("launcher", choices=["torchrun", "deepspeed", "slurm"])
-    launch.add_argument("--nnodes", type=int, default=None,
-                        help="nodes (default: the hostfile's host count for deepspeed, else 1)")
-    launch.add_argument("--nproc-per-node", type=int, default=None,
-                        help="processes (GPUs) per node (default: the hostfile's slots for deepspeed, else 1)")
+    launch.add_argument("--nnodes", type=int, default=1)
+    launch.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per node")
     launch.add_argument("--node-rank", type=int, default=0)
-    launch.add_argument("--master-addr", default=None,
-                        help="address of node 0 (default: the hostfile's first host for deepspeed; 127.0.0.1 "
-                             "for one node; required for multi-node torchrun)")
+    launch.add_argument("--master-addr", default="127.0.0.1")
     launch.add_argument("--master-port", type=int, default=29500)
     launch.add_argument("--rdzv", choices=["static", "c10d"], default="static", help="torchrun rendezvous")
     launch.add_argument("--hostfile", default=None, help="deepspeed hostfile (pdsh launch from node 0)")
