@@ -160,8 +160,7 @@ def test_json_labels_mixed_sizes_and_a_cut_shard(tmp_path):
 
 
 def test_interrupted_index_resumes_without_rereading_finished_shards(tmp_path):
-    samples, good = cls_samples(12)
-    tars = write_wds(tmp_path / "wds", samples, per_shard=3)
+    tars = write_wds(tmp_path / "wds", cls_samples(12)[0], per_shard=3)
     root = tmp_path / "wds"
     first = index_shards(str(root), progress=False)
     assert sorted(first.read) == [t.name for t in tars] and first.reused == []
@@ -214,5 +213,10 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     assert main(["shards", "index", str(tmp_path / "nothing-here")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pixeldit shards: error:") and "nothing-here" in err[0]
+    # a manifest not written by `shards index` (no records beside it) is not overwritten
+    (tmp_path / "wds" / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="was not written by `shards index`"):
+        index_shards(str(tmp_path / "wds"), progress=False)
+    (tmp_path / "wds" / "manifest.json").unlink()
     with pytest.raises(DataError, match="no sample passed the checks .*--label-key"):
         index_shards(str(tmp_path / "wds"), label_keys=["json:label"], progress=False)

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
 import queue
 import threading
+import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from . import images
-from .loader import LoaderSpec, flip_coin, image_bytes, label_of, lane_batches, sample_target, stack_targets
-from .source import EpochPlan, interleave, lane_position
+from .loader import LoaderSpec, admit, flip_coin, lane_batches, sample_target, shard_name, skip, stack_targets
+from .source import ReadStats, interleave, lane_position
 
+log = logging.getLogger(__name__)
 _END = object()
 
 
@@ -66,83 +70,156 @@ def _build_pipeline(spec: LoaderSpec, source, device: torch.device, prefetch: in
     return pipe
 
 
+@dataclass
+class FedBatch:
+    """A batch whose samples went to DALI (or, with none left, stays out of it), awaiting its pixels."""
+    encoded: list       # what DALI decodes, one uint8 array per sample
+    flips: list
+    labels: list[int]
+    keys: list[str]
+    indices: list[int]
+    stats: ReadStats
+    targets: list
+    raws: list          # the samples, to name them if the batch has to be decoded here
+
+
 def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.device, prefetch: int = 2,
-                 threads: int = 4) -> Iterator[dict]:
+                 threads: int = 4, join_deadline_s: float = 300.0) -> Iterator[dict]:
+    """Batches decoded by DALI. A sample DALI cannot decode fails its whole batch: that batch is then
+    decoded on the CPU the pil decoder's way, which skips and counts the bad sample (reason
+    `undecodable`) like the pil decoder; a batch the CPU decodes completely was not lost to its
+    content, and DALI's error stands."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    plan = EpochPlan(spec.manifest, spec.seed, epoch, spec.split)
-    pending: collections.deque = collections.deque()
+    pending: collections.deque[FedBatch] = collections.deque()  # in feed order, empty ones included
     feed: queue.Queue = queue.Queue(maxsize=prefetch + 2)
     stop = threading.Event()
-    reader = threading.Thread(target=_reader_thread, args=(spec, epoch, batches_done, feed, stop), daemon=True)
+    reader = threading.Thread(target=_reader_thread, args=(spec, epoch, batches_done, feed, stop), daemon=True,
+                              name=f"pixeldit-dali-reader-{epoch}")
     reader.start()
+    source_error: list[BaseException] = []  # what the reader raised, unwrapped from DALI's error
 
     def source():
-        item = feed.get()
-        if item is _END:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        group, stats = item
-        present = [raw for raw in group if raw is not None]
-        encoded, flips, sizes, anchors, labels, keys, indices, targets = [], [], [], [], [], [], [], []
-        for raw in present:
-            data = image_bytes(raw.files)
-            if data is None:
-                raise ValueError(f"{_shard_of(plan, raw.canonical)}: sample {raw.key!r} has no image")
-            encoded.append(np.frombuffer(data, dtype=np.uint8))
-            if spec.needs_resize():
-                try:
-                    width_height = image_size_of(data)
-                except Exception as e:  # noqa: BLE001 - named below
-                    raise RuntimeError(f"{_shard_of(plan, raw.canonical)}: sample {raw.key!r} is not a readable "
-                                       f"image ({e}); DALI cannot skip it: run `pixeldit shards verify --decode` "
-                                       f"or use data.decoder=pil, which skips and counts it") from e
-                (w, h), (left, top) = images.adm_geometry(*width_height, spec.image_size)
-            else:
-                (w, h), (left, top) = (spec.image_size, spec.image_size), (0, 0)
-            sizes.append(np.array([h, w], dtype=np.float32))
-            anchors.append(np.array([top, left], dtype=np.float32))
-            flipped = spec.hflip and flip_coin(spec.seed, epoch, raw.canonical)
-            flips.append(np.int32(flipped))
-            if spec.features is not None:
-                targets.append(sample_target(spec, raw, flipped))
-            labels.append(label_of(raw.files, raw.key))
-            keys.append(raw.key)
-            indices.append(raw.canonical)
-        pending.append((labels, keys, indices, stats, sorted({_shard_of(plan, i) for i in indices}), targets))
-        return encoded, flips, sizes, anchors
+        while True:
+            item = feed.get()
+            if item is _END:
+                raise StopIteration
+            if isinstance(item, BaseException):
+                source_error.append(item)
+                raise item
+            fed = _admit_batch(spec, epoch, *item)
+            pending.append(fed)
+            if fed.encoded:  # DALI refuses an empty batch: one with every sample skipped stays out of it
+                return fed.encoded, fed.flips, *_geometry(spec, fed)
 
     pipe = _build_pipeline(spec, source, device, prefetch, threads)
     iterator = DALIGenericIterator(pipe, ["image"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False,
                                    prepare_first_batch=False)
     try:
         while True:
+            while pending and not pending[0].encoded:
+                yield _to_batch(spec, pending.popleft(), _no_pixels(spec, device))
             try:
                 out = next(iterator)
             except StopIteration:
-                return
+                break
             except RuntimeError as e:
-                if "shards verify" in str(e):
+                if source_error:
+                    raise source_error[0] from None
+                while pending and not pending[0].encoded:
+                    yield _to_batch(spec, pending.popleft(), _no_pixels(spec, device))
+                if not pending:
                     raise
-                shards = pending[0][4] if pending else []
-                raise RuntimeError(f"DALI failed to decode a batch from {', '.join(shards) or 'unknown shards'}; "
-                                   f"DALI cannot skip bad samples: run `pixeldit shards verify --decode` on them "
-                                   f"or use data.decoder=pil, which skips and counts them. ({e})") from e
-            labels, keys, indices, stats, _, targets = pending.popleft()
-            batch = {"image": out[0]["image"].permute(0, 3, 1, 2), "label": torch.tensor(labels, dtype=torch.int64),
-                     "key": keys, "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
-            if spec.features is not None:
-                batch["repa"] = stack_targets(spec, targets)
-            yield batch
+                fed = pending.popleft()
+                yield _to_batch(spec, fed, _decode_here(spec, epoch, fed, device, e))
+                continue
+            while not pending[0].encoded:
+                yield _to_batch(spec, pending.popleft(), _no_pixels(spec, device))
+            yield _to_batch(spec, pending.popleft(), out[0]["image"].permute(0, 3, 1, 2))
+        while pending:
+            yield _to_batch(spec, pending.popleft(), _no_pixels(spec, device))
     finally:
         stop.set()
-        while reader.is_alive():  # unblock a reader waiting on a full queue, then let it finish
+        deadline = time.monotonic() + join_deadline_s
+        while reader.is_alive() and time.monotonic() < deadline:  # unblock a reader waiting on a full queue
             try:
                 feed.get_nowait()
             except queue.Empty:
                 reader.join(timeout=0.1)
+        if reader.is_alive():
+            log.error("the DALI reader thread %s is still reading epoch %d %.0fs after the epoch stopped "
+                      "(a storage read past its deadline?): left behind", reader.name, epoch, join_deadline_s)
         del iterator, pipe
+
+
+def _admit_batch(spec: LoaderSpec, epoch: int, group: list, stats: ReadStats) -> FedBatch:
+    fed = FedBatch([], [], [], [], [], stats, [], [])
+    for raw in group:
+        if raw is None:  # lost with its shard: the reader counted it
+            continue
+        admitted = admit(spec, raw, stats)
+        if admitted is None:
+            continue
+        data, label = admitted
+        flipped = spec.hflip and flip_coin(spec.seed, epoch, raw.canonical)
+        fed.encoded.append(np.frombuffer(data, dtype=np.uint8))
+        fed.flips.append(np.int32(flipped))
+        if spec.features is not None:
+            fed.targets.append(sample_target(spec, raw, flipped))
+        fed.labels.append(label)
+        fed.keys.append(raw.key)
+        fed.indices.append(raw.canonical)
+        fed.raws.append(raw)
+    return fed
+
+
+def _geometry(spec: LoaderSpec, fed: FedBatch) -> tuple[list, list]:
+    """Per sample: the size DALI resizes to and the crop's anchor (ADM's grid, read off the headers)."""
+    sizes, anchors = [], []
+    for data in fed.encoded:
+        if spec.needs_resize():
+            try:
+                width_height = image_size_of(data)
+            except (OSError, ValueError, SyntaxError):  # Pillow's ways of saying a header is bad
+                width_height = (spec.image_size, spec.image_size)  # DALI fails on it: the CPU decode skips it
+            (w, h), (left, top) = images.adm_geometry(*width_height, spec.image_size)
+        else:
+            (w, h), (left, top) = (spec.image_size, spec.image_size), (0, 0)
+        sizes.append(np.array([h, w], dtype=np.float32))
+        anchors.append(np.array([top, left], dtype=np.float32))
+    return sizes, anchors
+
+
+def _decode_here(spec: LoaderSpec, epoch: int, fed: FedBatch, device: torch.device, error: RuntimeError):
+    """The batch DALI failed on, decoded on the CPU; the samples that will not decode leave it."""
+    size = spec.image_size
+    pixels = np.empty((len(fed.encoded), size, size, 3), dtype=np.uint8)
+    failures = images.decode_batch([e.tobytes() for e in fed.encoded], pixels, spec.needs_resize(),
+                                   [bool(f) for f in fed.flips])
+    if not failures:
+        raise RuntimeError(f"DALI failed on a batch of {', '.join(sorted({_shard_of(spec, i) for i in fed.indices}))} "
+                           f"that decodes on the CPU: {error}") from error
+    log.warning("DALI could not decode a batch; decoded it on the CPU, skipping %d sample(s)", len(failures))
+    for i in sorted(failures, reverse=True):
+        skip(fed.stats, spec, fed.raws[i], "undecodable", failures[i])
+        for column in (fed.labels, fed.keys, fed.indices, fed.raws):
+            del column[i]
+        if fed.targets:
+            del fed.targets[i]
+    return torch.from_numpy(pixels[:len(fed.keys)]).to(device).permute(0, 3, 1, 2)
+
+
+def _no_pixels(spec: LoaderSpec, device: torch.device) -> torch.Tensor:
+    size = spec.image_size
+    return torch.empty((0, size, size, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+
+
+def _to_batch(spec: LoaderSpec, fed: FedBatch, image: torch.Tensor) -> dict:
+    batch = {"image": image, "label": torch.tensor(fed.labels, dtype=torch.int64), "key": fed.keys,
+             "index": torch.tensor(fed.indices, dtype=torch.int64), "stats": fed.stats}
+    if spec.features is not None:
+        batch["repa"] = stack_targets(spec, fed.targets)
+    return batch
 
 
 def image_size_of(data: bytes) -> tuple[int, int]:
@@ -152,5 +229,5 @@ def image_size_of(data: bytes) -> tuple[int, int]:
         return img.size
 
 
-def _shard_of(plan: EpochPlan, canonical: int) -> str:
-    return plan.manifest.shards[plan.locate(canonical)[0]].name
+def _shard_of(spec: LoaderSpec, canonical: int) -> str:
+    return shard_name(spec.manifest, canonical)

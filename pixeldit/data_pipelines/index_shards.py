@@ -28,8 +28,18 @@ from tqdm import tqdm
 from ..errors import ConfigError, DataError, MissingFileError
 from . import images
 from .manifest import MANIFEST, ImagePolicy, Manifest, ShardInfo, save_manifest
-from .storage import TransientError, filesystem, is_local, join, protocol_of, strip_protocol, with_retries, \
-    write_bytes
+from .storage import (
+    TransientError,
+    exists,
+    filesystem,
+    is_local,
+    join,
+    protocol_of,
+    read_bytes,
+    strip_protocol,
+    with_retries,
+    write_bytes,
+)
 from .tario import BLOCK, index_text, iter_members, split_name
 
 log = logging.getLogger(__name__)
@@ -229,15 +239,13 @@ def read_shard(stream: HashingReader, job: ShardJob) -> tuple[list, dict]:
 
 def _recorded(job: ShardJob) -> dict | None:
     """The shard's record from an earlier run, when it was made from these bytes with these settings."""
-    fs = filesystem(job.out, job.options)
-    url = record_url(job.out, job.stem)
     try:
-        record = json.loads(fs.cat_file(strip_protocol(url)))
+        record = json.loads(read_bytes(record_url(job.out, job.stem), job.options))
     except FileNotFoundError:
         return None
-    except ValueError:  # a record cut by a crash while written (object stores): index again
+    except json.JSONDecodeError:  # a record cut by a crash while written (object stores): index again
         return None
-    if record.get("settings") != job.settings() or not fs.exists(strip_protocol(join(job.out, record["index"]))):
+    if record.get("settings") != job.settings() or not exists(join(job.out, record["index"]), job.options):
         return None
     return record
 
@@ -275,12 +283,13 @@ def list_shards(pattern: str, options: dict | None) -> tuple[str, list[tuple[str
             prefix = pattern.rsplit("/", 1)[-1]
     else:
         prefix = None
+    fs.invalidate_cache(strip_protocol(folder))  # a listing cached earlier in this process may miss new shards
     try:
-        listing = {entry["name"].rsplit("/", 1)[-1]: entry
-                   for entry in fs.ls(strip_protocol(folder), detail=True) if entry.get("type") == "file"}
+        entries = with_retries(folder, lambda: fs.ls(strip_protocol(folder), detail=True))
     except FileNotFoundError:
         raise MissingFileError(f"{folder}: no such folder or bucket prefix; give the shards' folder, a name "
                                f"prefix or a brace pattern like {folder}/train-{{000000..000099}}.tar") from None
+    listing = {entry["name"].rsplit("/", 1)[-1]: entry for entry in entries if entry.get("type") == "file"}
     if prefix is not None:
         names = sorted(n for n in listing if n.startswith(prefix) and n.endswith(".tar"))
         if not names:
@@ -322,6 +331,10 @@ def index_shards(pattern: str, out: str | None = None, options: dict | None = No
     if protocol_of(folder) == "file":
         folder = os.path.abspath(strip_protocol(folder))
     root = folder if out is None else (os.path.abspath(out) if protocol_of(out) == "file" else out.rstrip("/"))
+    if exists(join(root, MANIFEST), options) and not exists(join(root, RECORDS), options):
+        # a set `shards write` made trains as it is; indexing it again would lose its class names
+        raise ConfigError(f"{join(root, MANIFEST)} exists and was not written by `shards index`; the set already "
+                          f"trains as it is. Index into another folder with --out DIR, or delete the manifest")
     jobs = [ShardJob(join(folder, name), name, size, version, root, options, sources, num_classes)
             for name, size, version in listed]
     records: dict[str, dict] = {}

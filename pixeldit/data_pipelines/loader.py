@@ -9,18 +9,21 @@ the same order, and `state_dict()` after k batches lets a new loader continue wi
 
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import os
-import sys
 import threading
+import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..diffusion.randomness import stream_seed
+from ..errors import ConfigError, DataError
 from . import images
 from .decode_processes import DecodeProcess, DecodeProcesses, Inbox, Segment, shared_array
 from .features import (
@@ -41,6 +44,7 @@ from .source import (
     iter_lane,
     lane_position,
 )
+from .tario import TruncatedSample
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -82,7 +86,6 @@ class LoaderSpec:
     hflip: bool
     options: dict | None
     retries: int
-    skip_failed: bool
     features: FeatureManifest | None = None   # REPA feature shards read in lockstep, when cached
     features_root: str | None = None
 
@@ -98,11 +101,52 @@ def image_bytes(files: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def label_of(files: dict[str, bytes], where: str) -> int:
+class Unusable(Exception):
+    """A sample whose content cannot train: skipped and counted under `reason`, never fatal alone."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def label_of(files: dict[str, bytes], num_classes: int) -> int:
+    """The sample's class, checked against the manifest's classes (a label equal to the class
+    count would pass for the guidance null class, a larger one would fail inside the model)."""
+    if "cls" not in files:
+        raise Unusable("bad_label", f"no .cls label among {sorted(files)}")
+    text = bytes(files["cls"])  # int() reads bytes, not the memoryviews the reader hands out
     try:
-        return int(bytes(files["cls"]))  # int() reads bytes, not the memoryviews the reader hands out
-    except (KeyError, ValueError):
-        raise ValueError(f"{where}: sample has no integer .cls label") from None
+        label = int(text)
+    except ValueError:
+        raise Unusable("bad_label", f".cls is {text[:20]!r}, not an integer") from None
+    if not 0 <= label < num_classes:
+        raise Unusable("label_out_of_range", f"label {label} is outside the manifest's classes 0..{num_classes - 1}")
+    return label
+
+
+def shard_name(manifest: Manifest, canonical: int) -> str:
+    counts = np.cumsum([s.samples for s in manifest.shards])
+    return manifest.shards[int(np.searchsorted(counts, canonical, side="right"))].name
+
+
+def admit(spec: LoaderSpec, raw, stats: ReadStats) -> tuple[bytes, int] | None:
+    """(image bytes, label) of a sample worth decoding; anything else is skipped and counted here."""
+    try:
+        if isinstance(raw.files, TruncatedSample):
+            raise Unusable("truncated", raw.files.detail)
+        data = image_bytes(raw.files)
+        if data is None:
+            raise Unusable("no_image", f"no image among {sorted(raw.files)}")
+        return data, label_of(raw.files, len(spec.manifest.classes))
+    except Unusable as e:
+        skip(stats, spec, raw, e.reason, e.detail)
+        return None
+
+
+def skip(stats: ReadStats, spec: LoaderSpec, raw, reason: str, detail: str):
+    shard = shard_name(spec.manifest, raw.canonical)
+    stats.skip(reason, shard, raw.key, detail)
+    log.warning("skipping sample %r of %s (%s): %s", raw.key, shard, reason, detail)
 
 
 def decode_image(data: bytes, size: int, crop: bool) -> torch.Tensor:
@@ -113,40 +157,57 @@ def decode_image(data: bytes, size: int, crop: bool) -> torch.Tensor:
 
 
 class BatchBuffers:
-    """Host memory for a loader's batches, handed out again once nothing refers to it.
+    """Host memory for a loader's batches, lent to one batch at a time and taken back when it dies.
 
     A fresh 6 MB batch costs its page faults on every step; recycled buffers are already
-    mapped. `torch.from_numpy` keeps a reference to its array for as long as any tensor or view
-    of that memory lives, so an array referenced only by this pool is free. `shared` buffers are
-    in shared memory, for decode processes to write into. On CUDA hosts in-process buffers come
-    from PyTorch's pinned-memory cache instead, which also waits for asynchronous copies out of
-    a block before reusing it, and saves the copy `pin_memory()` would make.
-    One pool serves all decode threads (and outlives epochs): the lock makes check-and-take atomic.
+    mapped. Each batch gets a lease: a new numpy view of a pooled array, which
+    `torch.from_numpy` keeps alive for exactly as long as any tensor or view of that memory
+    lives. A finalizer on the lease returns the array to the pool, so a buffer is never handed
+    out while a batch still uses it, whatever the interpreter does with reference counts.
+    `shared` buffers are in shared memory, for decode processes to write into. On CUDA hosts
+    in-process buffers come from PyTorch's pinned-memory cache instead, which also waits for
+    asynchronous copies out of a block before reusing it, and saves the copy `pin_memory()`
+    would make. One pool serves all decode threads (and outlives epochs).
     """
 
     def __init__(self, pinned: bool = False, keep: int = 16, shared: bool = False):
         self.pinned, self.keep, self.shared = pinned, keep, shared
-        self.arrays: list[np.ndarray] = []
+        self.owned = 0                      # pooled arrays, lent or idle
+        self.idle: list[np.ndarray] = []
+        # finalizers run wherever the last reference drops, even inside `take` under the lock
+        # (a garbage collection): they only append here, which needs no lock
+        self.returned: collections.deque[np.ndarray] = collections.deque()
         self.segments: dict[int, Segment] = {}  # by data pointer, for shared buffers
         self.lock = threading.Lock()
+        self.generation = 0  # close() starts a new one: leases of an older pool do not come back
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.pinned:
             return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
         with self.lock:
-            for array in self.arrays:
-                # references: the pool's list, this loop's name, getrefcount's argument
-                if array.shape == shape and sys.getrefcount(array) == 3:
-                    return torch.from_numpy(array)
-            keep = len(self.arrays) < self.keep  # a consumer that hoards batches gets fresh ones
-            if self.shared:
-                array, segment = shared_array(shape, one_off=not keep)
-                self.segments[array.ctypes.data] = segment
+            while self.returned:
+                self.idle.append(self.returned.popleft())
+            array = next((a for a in self.idle if a.shape == shape), None)
+            if array is not None:
+                self.idle.remove(array)
             else:
-                array = np.empty(shape, dtype=np.uint8)
-            if keep:
-                self.arrays.append(array)
-            return torch.from_numpy(array)
+                pooled = self.owned < self.keep  # a consumer that hoards batches gets fresh ones
+                if self.shared:
+                    array, segment = shared_array(shape, one_off=not pooled)
+                    self.segments[array.ctypes.data] = segment
+                else:
+                    array = np.empty(shape, dtype=np.uint8)
+                if not pooled:
+                    return torch.from_numpy(array)
+                self.owned += 1
+            generation = self.generation
+        lease = array.view()
+        weakref.finalize(lease, self._give_back, array, generation)
+        return torch.from_numpy(lease)
+
+    def _give_back(self, array: np.ndarray, generation: int):
+        if generation == self.generation:
+            self.returned.append(array)
 
     def segment(self, pixels: torch.Tensor) -> Segment:
         """The shared memory behind `pixels`, a tensor `take` returned."""
@@ -159,8 +220,11 @@ class BatchBuffers:
     def close(self):
         """Let go of the pool; batches already handed out keep their memory."""
         with self.lock:
+            self.generation += 1
+            self.owned = 0
             self.segments.clear()
-            self.arrays.clear()
+            self.idle.clear()
+            self.returned.clear()
 
 
 def decode_here(datas, pixels: torch.Tensor, crop: bool, flips) -> dict[int, str]:
@@ -185,39 +249,34 @@ def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats, buff
     """
     size = spec.image_size
     pixels = buffers.take((len(samples), size, size, 3))
-    present, datas = [], []
+    present, datas, labels_of_present = [], [], []
     for raw in samples:
-        if raw is None:
+        if raw is None:  # lost with its shard: the reader counted it (unreadable)
             continue
-        data = image_bytes(raw.files)
-        if data is None:
-            skip_corrupt(stats, raw, f"ValueError: no image among {sorted(raw.files)}")
+        admitted = admit(spec, raw, stats)
+        if admitted is None:
             continue
         present.append(raw)
-        datas.append(data)
+        datas.append(admitted[0])
+        labels_of_present.append(admitted[1])
     flips = [spec.hflip and flip_coin(spec.seed, epoch, raw.canonical) for raw in present]
     failures = decode(datas, pixels, spec.needs_resize(), flips)
     labels, keys, indices, targets = [], [], [], []
-    for i, (raw, flipped) in enumerate(zip(present, flips)):
+    for i, (raw, flipped, label) in enumerate(zip(present, flips, labels_of_present)):
         if i in failures:
-            skip_corrupt(stats, raw, failures[i])
+            skip(stats, spec, raw, "undecodable", failures[i])
             continue
         if spec.features is not None:
             targets.append(sample_target(spec, raw, flipped))
-        labels.append(label_of(raw.files, raw.key))
+        labels.append(label)
         keys.append(raw.key)
         indices.append(raw.canonical)
     image = pixels[:len(keys)].permute(0, 3, 1, 2)
     batch = {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
-             "index": torch.tensor(indices, dtype=torch.int64), "stats": stats.as_dict()}
+             "index": torch.tensor(indices, dtype=torch.int64), "stats": stats}
     if spec.features is not None:
         batch["repa"] = stack_targets(spec, targets)
     return batch
-
-
-def skip_corrupt(stats: ReadStats, raw, reason: str):
-    stats.corrupt += 1
-    log.warning("skipping sample %r: %s", raw.key, reason)
 
 
 def stack_targets(spec: LoaderSpec, targets: list[torch.Tensor]) -> torch.Tensor:
@@ -241,10 +300,9 @@ def batched(items: Iterator, size: int) -> Iterator[list]:
 def lane_batches(spec: LoaderSpec, epoch: int, lane: int, start_batch: int, decode: bool = True,
                  buffers: BatchBuffers | None = None) -> Iterator[dict]:
     plan = EpochPlan(spec.manifest, spec.seed, epoch, spec.split)
-    reader = ShardReader(spec.manifest, spec.root, spec.options, spec.retries, spec.skip_failed)
+    reader = ShardReader(spec.manifest, spec.root, spec.options)
     if spec.features is not None:
-        reader = LockstepReader(reader, ShardReader(spec.features, spec.features_root, spec.options, spec.retries,
-                                                    spec.skip_failed))
+        reader = LockstepReader(reader, ShardReader(spec.features, spec.features_root, spec.options))
     samples = iter_lane(plan, reader, lane, spec.window, start_batch * spec.batch)
     buffers = buffers or BatchBuffers()
     for group in batched(samples, spec.batch):
@@ -259,8 +317,23 @@ def batches_in_flight(threads: int, prefetch: int) -> int:
     return max(1, threads) * (prefetch + 1)
 
 
+def join_all(threads: list[threading.Thread], deadline_s: float, doing: dict[str, str]):
+    """Join `threads` within `deadline_s` in all; name what any still running is doing.
+
+    The threads are daemons: one stuck in a read past every storage deadline is left behind
+    rather than holding the run, and the log says what it was waiting for.
+    """
+    deadline = time.monotonic() + deadline_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [f"{t.name}: {doing.get(t.name, 'finishing')}" for t in threads if t.is_alive()]
+    if stuck:
+        log.error("%d loader thread(s) still running %.0fs after the epoch stopped, left behind: %s",
+                  len(stuck), deadline_s, "; ".join(stuck))
+
+
 def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes: DecodeProcesses, prefetch: int,
-                     buffers: BatchBuffers, pin: bool) -> Iterator[dict]:
+                     buffers: BatchBuffers, pin: bool, join_deadline_s: float = 300.0) -> Iterator[dict]:
     """The rank's batches in lane order, each read by whichever thread is free and decoded by its process.
 
     Threads are not tied to lanes: with one thread per lane, a lane held up (a large image, a
@@ -283,11 +356,14 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
     room, ready = threading.Condition(state), threading.Condition(state)  # for the threads, for the consumer
     claimed, delivered, finished, stopped = batches_done, batches_done, {}, False
     ahead = batches_in_flight(THREADS_PER_PROCESS * processes.count, prefetch)
+    doing: dict[str, str] = {}  # by thread name: what it is busy with, for a join that times out
 
     def read(k: int):
         lane, position = k % lanes, k // lanes
+        doing[threading.current_thread().name] = f"waiting to read batch {k} (lane {lane})"
         with turn_changed[lane]:
             turn_changed[lane].wait_for(lambda: read_turn[lane] == position)
+        doing[threading.current_thread().name] = f"reading batch {k} (lane {lane}) from storage"
         try:  # outside the lock: other lanes stream at the same time (object storage latency)
             return next(groups[lane])
         finally:
@@ -311,7 +387,9 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
                     return
                 k, claimed = claimed, claimed + 1
             try:
-                batch = _collate(spec, epoch, *read(k), buffers, decode)
+                group, stats = read(k)
+                doing[threading.current_thread().name] = f"decoding batch {k}"
+                batch = _collate(spec, epoch, group, stats, buffers, decode)
                 if pin:
                     batch.update({name: batch[name].pin_memory() for name in ("image", "repa") if name in batch})
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer, in batch order
@@ -322,8 +400,9 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
 
     started = []
     try:
-        for process in processes.running() * THREADS_PER_PROCESS:
-            started.append(threading.Thread(target=work, args=(process,), daemon=True))
+        for i, process in enumerate(processes.running() * THREADS_PER_PROCESS):
+            started.append(threading.Thread(target=work, args=(process,), daemon=True,
+                                            name=f"pixeldit-loader-{epoch}-{i}"))
             started[-1].start()
         for k in range(batches_done, total):
             with ready:
@@ -338,20 +417,30 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
         with room:
             stopped = True  # threads finish the batch in hand and quit
             room.notify_all()
-        for thread in started:  # so that nothing uses the processes or buffers after the epoch
-            thread.join()
+        # so that nothing uses the processes or buffers after the epoch
+        join_all(started, join_deadline_s, doing)
 
 
 class ShardLoader:
-    """Iterates one epoch per `iter()`; the next `iter()` continues with the next epoch."""
+    """Iterates one epoch per `iter()`; the next `iter()` continues with the next epoch.
+
+    Samples whose content cannot train are skipped (counted by reason in `stats`, listed in
+    `skipped_log`); more than `max_skipped_fraction` of the rank's epoch lost, or an epoch that
+    delivers nothing, stops the run with a DataError. `join_deadline_s` bounds the wait for
+    reader threads when an epoch stops.
+    """
 
     def __init__(self, spec: LoaderSpec, decoder: str = "pil", num_workers: int = 0, device: str = "cpu",
-                 prefetch: int = 2):
+                 prefetch: int = 2, max_skipped_fraction: float = 1.0, skipped_log: str | None = None,
+                 join_deadline_s: float = 300.0):
         if decoder not in ("pil", "dali"):
             raise ValueError(f"data.decoder={decoder!r}: expected 'pil' or 'dali'")
         self.spec, self.decoder, self.num_workers = spec, decoder, num_workers
         self.device, self.prefetch = torch.device(device), prefetch
+        self.max_skipped_fraction, self.skipped_log = max_skipped_fraction, skipped_log
+        self.join_deadline_s = join_deadline_s
         self.epoch, self.batches_done = 0, 0
+        self.epoch_delivered, self.epoch_lost = 0, 0  # samples of the current epoch, for the budget
         self.stats = ReadStats()
         if decoder == "pil" and num_workers > 0 and not hasattr(os, "memfd_create"):
             raise ValueError(f"data.num_workers={num_workers}: the pil decoder's decode processes need Linux "
@@ -381,10 +470,12 @@ class ShardLoader:
         total = len(self)
         if self.decoder == "dali":
             from .dali import dali_batches
-            batches = dali_batches(self.spec, self.epoch, self.batches_done, self.device, self.prefetch)
+            batches = dali_batches(self.spec, self.epoch, self.batches_done, self.device, self.prefetch,
+                                   join_deadline_s=self.join_deadline_s)
         elif self.num_workers > 0:
             batches = threaded_batches(self.spec, self.epoch, self.batches_done, self.processes, self.prefetch,
-                                       self.buffers, pin=self.device.type == "cuda")
+                                       self.buffers, pin=self.device.type == "cuda",
+                                       join_deadline_s=self.join_deadline_s)
         else:
             lanes = self.spec.split.lanes
             first = self.batches_done % lanes
@@ -392,19 +483,67 @@ class ShardLoader:
                                                lane_position(self.batches_done, lanes, lane), buffers=self.buffers)
                                   for lane in range(lanes)], start=first)
         for batch in batches:
-            self.batches_done += 1
-            self.stats.add(ReadStats(**batch.pop("stats")))
+            self.account(batch.pop("stats"), len(batch["key"]), total)
             yield batch
         if self.batches_done != total:
             raise RuntimeError(f"epoch {self.epoch} ended after {self.batches_done} of {total} batches")
+        if self.epoch_delivered == 0:
+            raise DataError(f"{self.spec.root}: epoch {self.epoch} delivered no sample "
+                            f"({self.lost_summary()}); check the shards with `pixeldit shards verify --decode`")
         self.epoch += 1
         self.batches_done = 0
+        self.epoch_delivered, self.epoch_lost = 0, 0
+
+    def account(self, stats: ReadStats, delivered: int, total: int):
+        """Count a batch's samples and skips; stop the run once the epoch's skip budget is spent."""
+        self.write_skipped(stats.records)
+        stats.records = []
+        self.stats.add(stats)
+        self.batches_done += 1
+        self.epoch_delivered += delivered
+        self.epoch_lost += self.spec.batch - delivered
+        budget = self.max_skipped_fraction * total * self.spec.batch
+        if self.epoch_lost > budget:
+            where = f" (listed in {self.skipped_log})" if self.skipped_log else ""
+            raise DataError(f"{self.spec.root}: {self.epoch_lost} samples of epoch {self.epoch} skipped by batch "
+                            f"{self.batches_done} of {total} ({self.lost_summary()}){where}, over the budget of "
+                            f"{budget:g} (data.max_skipped_fraction={self.max_skipped_fraction:g} of "
+                            f"{total * self.spec.batch}); repair the shards (`pixeldit shards verify --decode`) "
+                            f"or raise data.max_skipped_fraction")
+
+    def lost_summary(self) -> str:
+        reasons = {**self.stats.skipped, "unreadable": self.stats.unreadable}
+        return ", ".join(f"{reason} {n}" for reason, n in reasons.items() if n) or "nothing read"
+
+    def write_skipped(self, records: list):
+        if not records or self.skipped_log is None:
+            return
+        lines = [json.dumps({**asdict(r), "epoch": self.epoch, "batch": self.batches_done}) + "\n"
+                 for r in records]
+        with open(self.skipped_log, "a") as f:
+            f.writelines(lines)
+
+    def prune_skipped(self):
+        """After a resume, keep only what was skipped before the resumed position: the batches after
+        it are read again and list their skips again."""
+        if self.skipped_log is None or not os.path.exists(self.skipped_log):
+            return
+        with open(self.skipped_log) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines
+                if (json.loads(line)["epoch"], json.loads(line)["batch"]) < (self.epoch, self.batches_done)]
+        if len(kept) != len(lines):
+            tmp = f"{self.skipped_log}.tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.skipped_log)
 
     def state_dict(self) -> dict:
         s = self.spec.split
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self.batches_done,
                 "seed": self.spec.seed, "world": s.world, "rank": s.rank, "lanes": s.lanes, "batch": s.batch,
-                "num_samples": self.spec.manifest.num_samples, "stats": self.stats.as_dict()}
+                "num_samples": self.spec.manifest.num_samples, "stats": self.stats.as_dict(),
+                "epoch_delivered": self.epoch_delivered, "epoch_lost": self.epoch_lost}
 
     def load_state_dict(self, state: dict):
         """Continue where `state` stopped.
@@ -422,8 +561,11 @@ class ShardLoader:
         s = self.spec.split
         self.epoch = state["epoch"]
         self.stats = ReadStats(**state["stats"])
+        # states written before the skip budget: the epoch's count starts again here
+        self.epoch_delivered, self.epoch_lost = state.get("epoch_delivered", 0), state.get("epoch_lost", 0)
         if (state["world"], state["lanes"], state["batch"]) == (s.world, s.lanes, s.batch):
             self.batches_done = state["batches_done"]
+            self.prune_skipped()
             return
         done = state["batches_done"] * state["world"] * state["batch"]
         self.batches_done = min(done // (s.world * s.batch), len(self))
@@ -431,13 +573,19 @@ class ShardLoader:
                     "batch %d of a re-split order; samples may repeat or be skipped until the epoch ends",
                     s.world, s.lanes, s.batch, state["world"], state["lanes"], state["batch"], self.epoch,
                     self.batches_done)
+        self.prune_skipped()
 
 
-def build_loader(cfg, rank: int, world_size: int, device: str = "cpu") -> ShardLoader:
-    """The trainer's entry point: cfg is the full Config (data and train sections are read)."""
+def build_loader(cfg, rank: int, world_size: int, device: str = "cpu", run_dir: str | None = None) -> ShardLoader:
+    """The trainer's entry point: cfg is the full Config (data, model and train sections are read).
+
+    With `run_dir`, skipped samples are listed in `<run_dir>/skipped.jsonl` (rank 0) or
+    `skipped.rank<r>.jsonl`: each rank lists what it skipped itself.
+    """
     data = cfg.data
-    options = {"endpoint_url": data.endpoint_url} if data.endpoint_url else None
+    options = {"io_timeout_s": data.io_timeout_s, **({"endpoint_url": data.endpoint_url} if data.endpoint_url else {})}
     manifest, images_sha256 = read_manifest(data.source, options)
+    check_class_count(cfg.model.arch().num_classes, manifest, data.source)
     if cfg.train.global_batch % world_size:
         raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by the world size {world_size}")
     per_rank = cfg.train.global_batch // world_size
@@ -449,9 +597,25 @@ def build_loader(cfg, rank: int, world_size: int, device: str = "cpu") -> ShardL
     spec = LoaderSpec(manifest=manifest, root=data.source, image_size=data.image_size, batch=per_rank,
                       seed=cfg.train.seed, split=Split(world_size, rank, lanes, per_rank),
                       window=data.shuffle_window, hflip=data.hflip, options=options, retries=data.retries,
-                      skip_failed=data.skip_failed_shards, features=features,
+                      features=features,
                       features_root=cfg.repa.features)
-    return ShardLoader(spec, data.decoder, data.num_workers, device)
+    skipped_log = None
+    if run_dir is not None:
+        skipped_log = os.path.join(run_dir, "skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl")
+    # a reader thread finishes the batch in hand: at most a read past its storage deadline plus a decode
+    return ShardLoader(spec, data.decoder, data.num_workers, device, max_skipped_fraction=data.max_skipped_fraction,
+                       skipped_log=skipped_log, join_deadline_s=data.io_timeout_s + 60)
+
+
+def check_class_count(num_classes: int, manifest: Manifest, source: str):
+    """Refuse a model whose class count differs from the data's, before any work: more data classes
+    would reach the model as its guidance null class or beyond, fewer would train and draw classes
+    the data never had. The demo's synthetic data has at most 10 classes by design, for any model
+    (`pixeldit sample` draws only the classes a run's data had)."""
+    n = len(manifest.classes)
+    if num_classes != n and not (manifest.source == "synthetic" and n < num_classes):
+        raise ConfigError(f"model.num_classes={num_classes} but {manifest_url(source)} has {n} classes; "
+                          f"train with --set model.num_classes={n}")
 
 
 def check_feature_set(features: FeatureManifest, images: Manifest, images_sha256: str, cfg):

@@ -35,10 +35,31 @@ import numpy as np
 from ..diffusion.randomness import stream_seed
 from .manifest import Manifest, shard_root, shard_url
 from .storage import MappedFile, filesystem, is_local, is_transient, join, read_bytes, strip_protocol
-from .tario import iter_members, parse_index, read_exact, read_sample, slice_sample
+from .tario import (
+    TruncatedSample,
+    intact_samples,
+    iter_members,
+    parse_index,
+    read_exact,
+    read_sample,
+    slice_sample,
+)
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 4 << 20
+
+
+# why a sample was skipped: corrupt content, never an access failure (docs/data.md, "Faults")
+SKIP_REASONS = ("undecodable", "no_image", "bad_label", "label_out_of_range", "truncated")
+
+
+@dataclass
+class SkippedSample:
+    """One sample left out of a batch, for `<run_dir>/skipped.jsonl`."""
+    shard: str
+    key: str
+    reason: str       # one of SKIP_REASONS
+    detail: str
 
 
 @dataclass
@@ -47,19 +68,39 @@ class ReadStats:
     retries: int = 0
     corrupt: int = 0
     unreadable: int = 0   # samples lost to a shard that kept failing (when skipping is allowed)
+    skipped: dict[str, int] = field(default_factory=dict)   # samples left out of batches, by reason
+    # the batch's skipped samples, by name; written to skipped.jsonl, never kept in a loader state
+    records: list[SkippedSample] = field(default_factory=list, repr=False)
+
+    def skip(self, reason: str, shard: str, key: str | None, detail: str):
+        if reason not in SKIP_REASONS:
+            raise AssertionError(f"unknown skip reason {reason!r}")
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if reason == "undecodable":
+            self.corrupt += 1
+        self.records.append(SkippedSample(shard, key, reason, detail))
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
 
     def add(self, other: "ReadStats"):
         self.retries += other.retries
         self.corrupt += other.corrupt
         self.unreadable += other.unreadable
+        for reason, count in other.skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+        self.records.extend(other.records)
 
-    def as_dict(self) -> dict[str, int]:
-        return {"retries": self.retries, "corrupt": self.corrupt, "unreadable": self.unreadable}
+    def as_dict(self) -> dict:
+        return {"retries": self.retries, "corrupt": self.corrupt, "unreadable": self.unreadable,
+                "skipped": dict(self.skipped)}
 
     def scalars(self) -> dict[str, int]:
-        """What the monitor logs to TensorBoard, by tag."""
+        """What the monitor logs to TensorBoard, by tag (every reason, so a curve starts at 0)."""
         return {"data/corrupt_images": self.corrupt, "data/unreadable_samples": self.unreadable,
-                "data/retries": self.retries}
+                "data/retries": self.retries,
+                **{f"data/skipped/{reason}": self.skipped.get(reason, 0) for reason in SKIP_REASONS}}
 
 
 @dataclass(frozen=True)
@@ -197,15 +238,25 @@ class ShardReader:
             try:
                 with MappedFile(strip_protocol(url)) if fs is None else \
                         fs.open(strip_protocol(url), "rb", block_size=CHUNK_BYTES, cache_type="none") as f:
-                    f.seek(entries[member].offset)
+                    # a shard shorter than its manifest entry was cut (a partial upload, a full disk):
+                    # the samples before the cut are delivered, those after it are content to skip
+                    size = len(f.view) if fs is None else (f.size or shard_end)
+                    intact = intact_samples(entries, size) if size < shard_end else len(entries)
+                    if member < intact:
+                        f.seek(entries[member].offset)
                     while member < stop:
+                        if member >= intact:
+                            yield member, entries[member].key, TruncatedSample(
+                                f"{url} ends at byte {size} of {shard_end}, inside this sample or before it")
+                            member += 1
+                            continue
                         # one read per chunk of whole samples, parsed from memory: per-member reads
                         # through fsspec cost more CPU than the parsing itself
                         last = member + 1
-                        while last < stop and entries[last][0] - entries[member][0] < CHUNK_BYTES:
+                        while last < min(stop, intact) and entries[last][0] - entries[member][0] < CHUNK_BYTES:
                             last += 1
                         base = entries[member][0]
-                        end = entries[last][0] if last < len(entries) else shard_end
+                        end = min(entries[last][0] if last < len(entries) else shard_end, size)
                         view = memoryview(read_exact(f, end - base, url))
                         members = None
                         while member < last:

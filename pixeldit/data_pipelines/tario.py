@@ -130,6 +130,27 @@ def parse_index(text: str, where: str) -> list[IndexedSample]:
     return samples
 
 
+class TruncatedSample(dict):
+    """Stands for the files of a sample whose bytes end before the archive says they do.
+
+    A shard cut short (a partial upload, a disk that filled) keeps every sample before the cut;
+    the reader hands this empty mapping for the ones after it, so the loader skips and names them
+    (reason `truncated`) at the positions they would have taken in the batch.
+    """
+
+    def __init__(self, detail: str):
+        super().__init__()
+        self.detail = detail
+
+
+def intact_samples(entries: list[IndexedSample], size: int) -> int:
+    """How many leading samples of an indexed archive lie wholly within its first `size` bytes."""
+    for i, sample in enumerate(entries):
+        if any(offset + length > size for _, offset, length, _ in sample.members):
+            return i
+    return len(entries)
+
+
 def read_exact(stream: BinaryIO, n: int, where: str) -> bytes:
     chunk = stream.read(n)
     if len(chunk) == n:

@@ -50,6 +50,7 @@ class ModelSource:
     step: int | None = None
     image_size: int | None = None
     time_shift: float | None = None
+    data_classes: int | None = None  # the training data's class count, where the run says and it is readable
 
     def __str__(self) -> str:
         step = f" step {self.step}" if self.step is not None else ""
@@ -82,7 +83,8 @@ def load_sampling_model(source: str, weights: str = "ema", device="cpu") -> tupl
             full = consolidate_checkpoint(source, parts=(weights,))
         config = full["meta"]["config"]
         info = ModelSource("run", full["checkpoint"], weights, int(full["meta"]["step"]),
-                           int(config["data"]["image_size"]), float(config["diffusion"]["time_shift"]))
+                           int(config["data"]["image_size"]), float(config["diffusion"]["time_shift"]),
+                           _data_class_count(config["data"]))
         return _model_from_state(full["arch"], full[weights], device), info
     if source.endswith(".safetensors"):
         meta = read_export_metadata(source)
@@ -95,6 +97,35 @@ def load_sampling_model(source: str, weights: str = "ema", device="cpu") -> tupl
         raise WeightsError(f"{source}: has no {GROUPS[weights]}* weights (try --weights "
                        f"{'model' if weights == 'ema' else 'ema'})")
     return _model_from_state(imported["arch"], imported[weights], device), ModelSource("authors", source, weights)
+
+
+def _data_class_count(data: dict) -> int | None:
+    """How many classes the run's training data had (None where its manifest is gone)."""
+    from ..data_pipelines.manifest import manifest_url, read_manifest
+    options = {"endpoint_url": data["endpoint_url"]} if data.get("endpoint_url") else None
+    try:
+        return len(read_manifest(data["source"], options)[0].classes)
+    except MissingFileError:
+        log.warning("%s is gone: sampling cannot check which classes the run's data had",
+                    manifest_url(data["source"]))
+        return None
+
+
+def check_data_classes(classes: list[int] | None, num_classes: int, source: ModelSource) -> list[int] | None:
+    """The classes to draw: never more than the run's data had (a model with more rows than its
+    data's classes never learned the others; a run that trained with the class check has none)."""
+    n = source.data_classes
+    if n is None or n >= num_classes:
+        return classes
+    if classes is None:
+        log.warning("%s: the model has %d classes, its training data %d: drawing classes 0..%d",
+                    source.path, num_classes, n, n - 1)
+        return list(range(n))
+    outside = [c for c in classes if c >= n]
+    if outside:
+        raise ConfigError(f"--classes {outside[:5]}: {source.path} was trained on data with {n} classes; "
+                          f"pick classes in 0..{n - 1}")
+    return classes
 
 
 # ---------------------------------------------------------------- the image plan
@@ -386,6 +417,7 @@ def run_sample_command(args) -> int:
     try:
         device = _device(args.device, local_rank)
         model, source = load_sampling_model(args.source, args.weights, device)
+        args.classes = check_data_classes(args.classes, model.num_classes, source)
         image_size = args.image_size or source.image_size or 256
         time_shift = args.time_shift if args.time_shift is not None else (source.time_shift or 1.0)
         cfg_interval = tuple(args.cfg_interval)

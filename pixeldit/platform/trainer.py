@@ -119,7 +119,7 @@ class Trainer:
             cfg.data.source = ensure_synthetic_data(cfg, self.run_dir, self.rank)
 
         from ..data_pipelines.loader import build_loader
-        self.loader = build_loader(cfg, self.rank, self.world, str(self.device))
+        self.loader = build_loader(cfg, self.rank, self.world, str(self.device), run_dir=self.run_dir)
         arch = cfg.model.arch()
         self.arch = arch
         model = build_model(cfg.model.name, **cfg.model.overrides())
