@@ -12,9 +12,11 @@ then rank 0 commits and only afterwards replaces the `latest` pointer:
   is deleted or rewritten its meta.json goes first, so a half-deleted folder
   never looks complete. `latest` is one PUT: readers see the old or the new name.
 
-A crash at any point leaves the previous checkpoint and `latest` loadable. Should
-`latest` name a folder that lacks meta.json (a crashed re-save of the same step),
-`latest_checkpoint` falls back to the newest complete one.
+A crash at any point leaves the previous checkpoint and `latest` loadable. A checkpoint is
+complete when its meta.json parses, holds the keys a resume reads, and the parts it implies
+(engine/, ema/, one rank file per saving rank) are there. Should `latest` be unreadable, be
+missing, or name a folder that is not complete (a crashed re-save of the same step, a damaged
+file), `latest_complete` falls back to the newest complete checkpoint and logs what it skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -32,11 +35,16 @@ import torch
 import torch.distributed as dist
 
 from ..data_pipelines import storage
+from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 META = "meta.json"
+STEP_NAME = re.compile(r"step_\d{8}")
+# what a resume reads from meta.json: a file without them is a damaged or foreign one
+META_KEYS = ("step", "world", "strategy", "state", "ema_updates", "model", "config")
+STATE_KEYS = ("step", "updates", "skipped", "consecutive_skips")
 
 # fsspec options (endpoint) per checkpoint root, set by the trainer: URLs below a registered root
 # open with them, anything else with the environment's (AWS_ENDPOINT_URL, credentials)
@@ -75,11 +83,22 @@ def exists(url: str) -> bool:
     return os.path.exists(url) if not is_remote(url) else _fs(url).exists(url)
 
 
-def read_text(url: str) -> str | None:
+def read_bytes(url: str) -> bytes | None:
     try:
-        return storage.read_bytes(url, storage_options(url)).decode()
+        return storage.read_bytes(url, storage_options(url))
     except FileNotFoundError:
         return None
+
+
+def read_text(url: str) -> str | None:
+    data = read_bytes(url)
+    if data is None:
+        return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{url}: not UTF-8 text ({e.reason} at byte {e.start}): the file is damaged; "
+                              f"restore or delete it") from None
 
 
 def write_text(url: str, text: str):
@@ -104,9 +123,16 @@ def load_torch(url: str, **kwargs):
 
 
 def remove(url: str):
-    """Delete a checkpoint folder, its meta.json first: a folder half deleted must not look complete."""
+    """Delete a checkpoint folder, its meta.json first: a folder half deleted must not look complete.
+    A failure raises OSError (the caller decides whether it is fatal)."""
     if not is_remote(url):
-        shutil.rmtree(url, ignore_errors=True)
+        if not os.path.lexists(url):
+            return
+        try:
+            os.remove(os.path.join(url, META))
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(url)
         return
     fs = _fs(url)
     if fs.exists(join(url, META)):
@@ -176,31 +202,111 @@ def barrier():
         dist.barrier()
 
 
+def _first_rank() -> bool:
+    """Every rank looks for the checkpoint; one of them says what it skipped."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _listing(path: str) -> set[str] | None:
+    """The names directly inside `path`, None when it is not there."""
+    if not is_remote(path):
+        return set(os.listdir(path)) if os.path.isdir(path) else None
+    fs = _fs(path)
+    try:
+        return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        return None
+
+
 def _step_folders(root: str) -> list[str]:
-    if not is_remote(root):
-        names = os.listdir(root) if os.path.isdir(root) else []
+    """step_NNNNNNNN folders under `root`, oldest first (unfinished local `.tmp` saves excluded)."""
+    return sorted(n for n in _listing(root) or () if STEP_NAME.fullmatch(n))
+
+
+def inspect_checkpoint(path: str) -> tuple[dict | None, str | None]:
+    """(meta, None) for a complete checkpoint, else (None, what is wrong with it, naming the file)."""
+    file = join(path, META)
+    data = read_bytes(file)
+    if data is None:
+        return None, f"{file} is missing (an unfinished save or a half-deleted folder)"
+    if not data.strip():
+        return None, f"{file} is empty"
+    try:
+        meta = json.loads(data.decode())
+    except UnicodeDecodeError as e:
+        return None, f"{file} is not UTF-8 ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return None, f"{file} is not valid JSON, truncated or damaged ({e.msg} at byte {e.pos} of {len(data)})"
+    if not isinstance(meta, dict):
+        return None, f"{file} holds a {type(meta).__name__}, not a mapping"
+    missing = [k for k in META_KEYS if k not in meta]
+    if not isinstance(meta.get("state"), dict):
+        missing.append("state")
     else:
-        fs = _fs(root)
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.exists(root) else []
-    return sorted(n for n in names if n.startswith("step_") and not n.endswith(".tmp"))
+        missing += [f"state.{k}" for k in STATE_KEYS if k not in meta["state"]]
+    if missing or not isinstance(meta.get("world"), int) or meta["world"] < 1:
+        return None, f"{file} lacks {', '.join(missing) or 'a valid world'} (damaged, or not one of our checkpoints)"
+    present = _listing(path) or set()
+    parts = ["engine", "ema", *(f"rank_{r:05d}.pt" for r in range(meta["world"]))]
+    absent = [p for p in parts if p not in present]
+    if absent:
+        return None, f"{path} lacks {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''} named by its {META}"
+    return meta, None
+
+
+def _pointer(root: str) -> tuple[str | None, str | None]:
+    """(the step name `latest` holds, None) or (None, why it holds none); (None, None) without `latest`."""
+    pointer = join(root, LATEST)
+    data = read_bytes(pointer)
+    if data is None:
+        return None, None
+    try:
+        name = data.decode().strip()
+    except UnicodeDecodeError as e:
+        return None, f"{pointer} is not UTF-8 ({e.reason} at byte {e.start})"
+    if not STEP_NAME.fullmatch(name):
+        return None, f"{pointer} holds {name[:40]!r}, not a step_NNNNNNNN name"
+    return name, None
+
+
+def latest_complete(root: str) -> tuple[str, dict] | None:
+    """(path, meta) of the checkpoint `latest` names, or of the newest complete one when that is not
+    complete (logged, naming each file skipped); None for a fresh run (no `latest`, nothing complete).
+    A `latest` with no complete checkpoint anywhere under `root` is a CheckpointError."""
+    name, problem = _pointer(root)
+    has_pointer = name is not None or problem is not None
+    skipped = [problem] if problem else []
+    if name is not None:
+        meta, problem = inspect_checkpoint(join(root, name))
+        if meta is not None:
+            return join(root, name), meta
+        skipped.append(problem if exists(join(root, name)) else f"{join(root, LATEST)} names {name}, "
+                       f"which is not there")
+    for other in reversed(_step_folders(root)):
+        if other == name:
+            continue
+        meta, problem = inspect_checkpoint(join(root, other))
+        if meta is not None:
+            if _first_rank():
+                log.warning("using %s, the newest complete checkpoint, instead: %s", join(root, other),
+                            "; ".join(skipped) if has_pointer else f"{join(root, LATEST)} is missing")
+            return join(root, other), meta
+        skipped.append(problem)
+    if not skipped:
+        return None  # a fresh run
+    if not has_pointer:
+        # the first save never completed: nothing to resume, and later saves prune these folders
+        if _first_rank():
+            log.warning("starting a fresh run: %s holds no complete checkpoint (%s)", root, "; ".join(skipped))
+        return None
+    raise CheckpointError(f"{root} holds no complete checkpoint to resume ({'; '.join(skipped)}): restore the "
+                          f"damaged files, or move the folder away to start a fresh run")
 
 
 def latest_checkpoint(root: str) -> str | None:
-    """The complete checkpoint `latest` names (or the newest complete one), None when there is none."""
-    pointer = join(root, LATEST)
-    name = read_text(pointer)
-    if name is None:
-        return None
-    path = join(root, name.strip())
-    if exists(join(path, META)):
-        return path
-    complete = [n for n in _step_folders(root) if exists(join(root, n, META))]
-    if not complete:
-        raise FileNotFoundError(f"{pointer} names {name.strip()}, which is not a complete checkpoint "
-                                f"(no {META}), and {root} holds no other")
-    log.warning("%s names %s, which is not a complete checkpoint (no %s; a save crashed): using %s",
-                pointer, name.strip(), META, complete[-1])
-    return join(root, complete[-1])
+    """The path `latest_complete` resumes from, None when there is none."""
+    found = latest_complete(root)
+    return found[0] if found else None
 
 
 def save_checkpoint(root: str, step: int, rank: int, *, strategy, ema, rank_state: dict, meta: dict,
@@ -209,7 +315,11 @@ def save_checkpoint(root: str, step: int, rank: int, *, strategy, ema, rank_stat
     final = step_dir(root, step)
     work = final if is_remote(root) else final + ".tmp"
     if rank == 0:
-        remove(work)  # a crashed save's leftovers (or, on object storage, this step's earlier save)
+        try:
+            remove(work)  # a crashed save's leftovers (or, on object storage, this step's earlier save)
+        except OSError as e:
+            raise CheckpointError(f"cannot clear {work} before saving step {step}: {e}; free the "
+                                  f"checkpoint folder (permissions, space) and resume") from e
         if not is_remote(root):
             os.makedirs(work)
     barrier()
@@ -220,8 +330,9 @@ def save_checkpoint(root: str, step: int, rank: int, *, strategy, ema, rank_stat
     if rank == 0:
         write_text(join(work, META), json.dumps(meta | {"saved_at": time.time()}, indent=1))
         if not is_remote(root):
-            if os.path.exists(final):  # a re-save of the same step (a run resumed from an earlier one)
-                shutil.rmtree(final)
+            # a re-save of the same step (a run resumed from an earlier one): meta.json goes first,
+            # so a crash inside this removal leaves a folder that does not look complete
+            remove(final)
             os.replace(work, final)
         write_text(join(root, LATEST), f"step_{step:08d}")
         _prune(root, keep_last)
@@ -231,19 +342,33 @@ def save_checkpoint(root: str, step: int, rank: int, *, strategy, ema, rank_stat
 
 def _prune(root: str, keep_last: int):
     names = _step_folders(root)
-    complete = [n for n in names if exists(join(root, n, META))]
-    # folders without meta.json are crashed saves of an abandoned timeline: removed with the old ones
-    keep = set(complete[-keep_last:]) | {read_text(join(root, LATEST)).strip()}
+    state = {n: inspect_checkpoint(join(root, n))[1] for n in names}
+    complete = [n for n in names if state[n] is None]
+    # incomplete folders are crashed saves of an abandoned timeline or damaged: removed with the old ones
+    keep = set(complete[-keep_last:]) | {_pointer(root)[0]}
     for name in names:
-        if name not in keep:
-            remove(join(root, name))
+        if name in keep:
+            continue
+        path = join(root, name)
+        if state[name] is not None:
+            log.info("removing %s: not a complete checkpoint (%s)", path, state[name])
+        try:
+            remove(path)
+        except OSError as e:
+            looks_complete = exists(join(path, META))
+            log.warning("could not delete the old checkpoint %s (%s: %s); %s", path, type(e).__name__, e,
+                        "it still holds its meta.json and counts as a checkpoint: delete it by hand"
+                        if looks_complete else "its meta.json is gone, so it is never resumed from: "
+                        "delete the rest by hand or let the next save retry")
 
 
 def read_meta(path: str) -> dict:
-    text = read_text(join(path, META))
-    if text is None:
-        raise FileNotFoundError(f"{join(path, META)} is missing: not a complete checkpoint")
-    return json.loads(text)
+    """meta.json of the checkpoint at `path`, which must be complete (CheckpointError naming the file)."""
+    meta, problem = inspect_checkpoint(path)
+    if meta is None:
+        raise CheckpointError(f"{path} is not a complete checkpoint: {problem}; name another "
+                              f"step_NNNNNNNN folder, or the run directory to use its newest complete one")
+    return meta
 
 
 def load_rank_state(path: str, rank: int) -> dict:
