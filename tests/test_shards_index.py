@@ -19,6 +19,7 @@ from pixeldit.data_pipelines.index_shards import index_shards
 from pixeldit.data_pipelines.loader import build_loader
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.data_pipelines.source import ShardReader
+from pixeldit.data_pipelines.verify import verify_shards
 from pixeldit.errors import ConfigError, DataError, MissingFileError
 from pixeldit.platform.config import load_config
 
@@ -107,6 +108,7 @@ def test_read_only_source_indexed_into_out_trains_through_both_decoders(tmp_path
     assert m.shard_base == str(tmp_path / "src") and result.root == str(tmp_path / "idx")
     assert sorted(p.name for p in (tmp_path / "idx").glob("*.idx")) == [s.index for s in m.shards]
     assert [(s["key"], s["reason"]) for s in m.skipped] == [("img0005", "undecodable")]
+    assert verify_shards(str(tmp_path / "idx"), decode=True, progress=False) == []
 
     pil = epoch(str(tmp_path / "idx"), batch=11)
     assert sorted(pil) == sorted(good.items())
@@ -140,6 +142,8 @@ def test_json_labels_mixed_sizes_and_a_cut_shard(tmp_path):
     reasons = {(s["key"], s["reason"]) for s in m.skipped}
     assert {("img0002", "bad_label"), ("img0004", "bad_label"), (None, "truncated")} <= reasons
     assert [s["shard"] for s in m.skipped if s["reason"] == "truncated"] == ["train-000001.tar"]
+    # verify checks what was indexed: the .json labels, the samples kept, the cut shard up to its cut
+    assert verify_shards(str(tmp_path / "wds"), decode=True, progress=False) == []
 
     # the loader reads `.cls` today; the indexed samples and their .json labels, through the reader
     reader = ShardReader(m, str(tmp_path / "wds"))
