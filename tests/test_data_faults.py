@@ -239,3 +239,40 @@ def test_a_join_that_times_out_names_what_the_thread_was_doing(caplog):
     assert "reader-7: reading batch 12 (lane 1) from storage" in caplog.text
     release.set()
     stuck.join()
+
+
+def test_skips_reach_tensorboard_and_the_run_dirs_list(bad_label_set, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pixeldit.platform.trainer import train
+    root, clean, bad = bad_label_set
+    cfg = load_config(None, [f"data.source={root}", "data.image_size=16", "model.patch_size=4",
+                             "train.global_batch=8", "train.micro_batch=8", "train.steps=1", "data.num_workers=0",
+                             "train.seed=0", "data.shuffle_window=16",  # the order epoch_keys reads
+                             "data.max_skipped_fraction=0.05", "logging.every_steps=1"])
+    train(cfg, str(tmp_path))
+    first_batch = epoch_keys(clean)[:8]
+    skipped = [k for k in first_batch if k in bad]
+    assert len(skipped) == 1  # the fixture put one bad label into the first batch
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars(f"data/skipped/{bad[skipped[0]]}")] == [1]
+    assert [e.value for e in acc.Scalars("data/skipped/truncated")] == [0]
+    assert [r["key"] for r in read_jsonl(tmp_path / "skipped.jsonl")] == skipped
+
+
+def test_a_batch_buffer_is_lent_until_the_last_tensor_on_its_memory_dies():
+    from pixeldit.data_pipelines.loader import BatchBuffers
+    buffers = BatchBuffers()
+    first = buffers.take((2, 4, 4, 3))
+    first_address = first.data_ptr()
+    kept = first.numpy()[1]  # what outlives the batch tensor: a numpy view of it
+    del first
+    second = buffers.take((2, 4, 4, 3))
+    second_address = second.data_ptr()
+    assert second_address != first_address
+    del second
+    third = buffers.take((2, 4, 4, 3))
+    assert third.data_ptr() == second_address  # back in the pool once nothing used it
+    del kept
+    assert buffers.take((2, 4, 4, 3)).data_ptr() == first_address

@@ -34,6 +34,7 @@ from .features import (
     repa_files,
 )
 from .features import decode as decode_features
+from .index_shards import label_from
 from .manifest import Manifest, manifest_url, read_manifest
 from .source import (
     EpochPlan,
@@ -109,16 +110,14 @@ class Unusable(Exception):
         self.reason, self.detail = reason, detail
 
 
-def label_of(files: dict[str, bytes], num_classes: int) -> int:
-    """The sample's class, checked against the manifest's classes (a label equal to the class
-    count would pass for the guidance null class, a larger one would fail inside the model)."""
-    if "cls" not in files:
-        raise Unusable("bad_label", f"no .cls label among {sorted(files)}")
-    text = bytes(files["cls"])  # int() reads bytes, not the memoryviews the reader hands out
-    try:
-        label = int(text)
-    except ValueError:
-        raise Unusable("bad_label", f".cls is {text[:20]!r}, not an integer") from None
+def label_of(files: dict[str, bytes], manifest: Manifest) -> int:
+    """The sample's class, read from the manifest's label sources as `shards index` read it, and
+    checked against the manifest's classes (a label equal to the class count would pass for the
+    guidance null class, a larger one would fail inside the model)."""
+    _, label, problem = label_from(files, tuple(manifest.label_sources))
+    if problem is not None:
+        raise Unusable("bad_label", problem)
+    num_classes = len(manifest.classes)
     if not 0 <= label < num_classes:
         raise Unusable("label_out_of_range", f"label {label} is outside the manifest's classes 0..{num_classes - 1}")
     return label
@@ -137,7 +136,7 @@ def admit(spec: LoaderSpec, raw, stats: ReadStats) -> tuple[bytes, int] | None:
         data = image_bytes(raw.files)
         if data is None:
             raise Unusable("no_image", f"no image among {sorted(raw.files)}")
-        return data, label_of(raw.files, len(spec.manifest.classes))
+        return data, label_of(raw.files, spec.manifest)
     except Unusable as e:
         skip(stats, spec, raw, e.reason, e.detail)
         return None
