@@ -4,7 +4,10 @@ Order, splitting, retries and resume stay in source.py, so both decoders see
 the same keys in the same order. A reader thread fills a small queue with the
 next batches' bytes (I/O releases the GIL); DALI's external_source pulls from
 it, and a FIFO pairs each DALI output with its labels and keys (DALI returns
-batches in the order its source produced them).
+batches in the order its source produced them). Samples are admitted as the pil
+decoder admits them (labels, truncation, missing images: skipped and counted
+before DALI sees them); a batch left empty stays out of DALI, which refuses
+empty batches, and a batch DALI fails to decode is decoded on the CPU instead.
 """
 
 from __future__ import annotations
