@@ -20,7 +20,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from tqdm import tqdm
@@ -317,8 +317,8 @@ def _version(entry: dict) -> str:
 class IndexResult:
     manifest: Manifest
     root: str                                   # where manifest.json is: the loader's data.source
-    read: list[str] = field(default_factory=list)    # shards read by this run
-    reused: list[str] = field(default_factory=list)  # shards whose earlier record was still valid
+    read: list[str]                             # shards read by this run
+    reused: list[str]                           # shards whose earlier record was still valid
 
 
 def index_shards(pattern: str, out: str | None = None, options: dict | None = None, workers: int = 0,
@@ -343,7 +343,7 @@ def index_shards(pattern: str, out: str | None = None, options: dict | None = No
         if record is not None:
             records[job.name] = record
     todo = [job for job in jobs if job.name not in records]
-    result = IndexResult(manifest=None, root=root, reused=sorted(records))
+    reused, read = sorted(records), []
     if records:
         log.info("%s: %d of %d shards indexed by an earlier run, reading the other %d", pattern, len(records),
                  len(jobs), len(todo))
@@ -354,16 +354,16 @@ def index_shards(pattern: str, out: str | None = None, options: dict | None = No
         done = pool.imap_unordered(index_shard, todo) if pool else map(index_shard, todo)
         for record in done:
             records[record["name"]] = record
-            result.read.append(record["name"])
+            read.append(record["name"])
             bar.update(record["bytes"])
             bar.set_postfix(skipped=sum(len(r["skipped"]) for r in records.values()), refresh=False)
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
-    result.manifest = assemble(pattern, [records[job.name] for job in jobs], folder, root, num_classes)
-    save_manifest(root, result.manifest, options)
-    return result
+    manifest = assemble(pattern, [records[job.name] for job in jobs], folder, root, num_classes)
+    save_manifest(root, manifest, options)
+    return IndexResult(manifest, root, read, reused)
 
 
 def assemble(pattern: str, records: list[dict], folder: str, root: str, num_classes: int | None) -> Manifest:
