@@ -77,6 +77,16 @@ def _on_s3(rank, world, data, local, url, endpoint):
         run = trainer(name, "ddp", 4, f"{url}/{name}")
         run.fit(resume)
         out[name] = _snapshot(run)
+    # damaged files on object storage: an unreadable `latest`, then a truncated meta.json of the newest step
+    from pixeldit.data_pipelines import storage
+    from pixeldit.platform.checkpoint import storage_options
+    ddp = f"{url}/ddp"
+    storage.write_bytes(f"{ddp}/latest", b"\xff\xfe", storage_options(ddp))
+    out["damaged_latest"] = latest_checkpoint(ddp)
+    meta = f"{ddp}/step_00000004/meta.json"
+    text = storage.read_bytes(meta, storage_options(meta))
+    storage.write_bytes(meta, text[:len(text) // 2], storage_options(meta))
+    out["damaged_meta"] = latest_checkpoint(ddp)
 
     # zero2: DeepSpeed's files staged locally and uploaded; resumed; then loaded through a universal conversion
     zero = trainer("zero2", "zero2", 4, f"{url}/zero2")
@@ -149,6 +159,12 @@ def test_a_crash_mid_save_on_s3_leaves_the_previous_checkpoint_loadable(s3_runs,
     assert "step_00000008/engine/.metadata" in keys and "step_00000008/meta.json" not in keys
     # keep_last=2: steps 2 and 4 were pruned after complete saves of 6 and 8
     assert {k.split("/")[0] for k in keys} == {"latest", "step_00000006", "step_00000008"}, keys
+
+
+def test_damaged_files_on_s3_fall_back_to_the_newest_complete_checkpoint(s3_runs):
+    out = s3_runs["out"]
+    assert out["damaged_latest"].endswith("/ddp/step_00000004")  # `latest` unreadable: the newest complete
+    assert out["damaged_meta"].endswith("/ddp/step_00000002")  # and its meta.json truncated: the one before
 
 
 @pytest.mark.parametrize("name", ["ddp", "zero2"])

@@ -121,7 +121,9 @@ def _training_subprocess(run_dir, data, steps, every):
     return subprocess.Popen([sys.executable, "-m", "pixeldit", "train", "--run-dir", run_dir,
                              "--set", f"data.source={data}", "--set", "data.image_size=16",
                              "--set", "model.patch_size=4", "--set", f"train.steps={steps}",
-                             "--set", f"checkpoint.every_steps={every}", "--set", "logging.tensorboard=false"],
+                             "--set", f"checkpoint.every_steps={every}", "--set", "logging.tensorboard=false",
+                             # config()'s batch: the resume below refuses another global batch
+                             "--set", "train.global_batch=8", "--set", "train.micro_batch=8"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

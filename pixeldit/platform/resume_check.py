@@ -27,6 +27,7 @@ POLICY: dict[str, str] = {
     # how the same samples are read and decoded
     "data.decoder": FREE, "data.endpoint_url": FREE, "data.retries": FREE,
     "data.max_skipped_fraction": FREE, "data.io_timeout_s": FREE,
+    "data.skip_failed_shards": FREE, "optim.lr": FREE,  # keys of earlier configs (the lr: the schedule's)
     # every field changes the per-sample draws (t, label drop) or the target
     "diffusion.": FIXED,
     # the projector's place and shape, and whether there is one; weight, weights file and cache location may move

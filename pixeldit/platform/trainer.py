@@ -176,10 +176,22 @@ class Trainer:
         return root
 
     def resume(self, path: str | None = None) -> bool:
-        path = path or latest_checkpoint(self.checkpoint_root)
-        if path is None:
-            return False
-        meta = read_meta(path)
+        """Load `path`, else the run's newest complete checkpoint; False for a fresh run.
+
+        The saved config is compared with this one before any state is loaded (resume_check.py).
+        A run already at train.steps loads and says so: fit's loop then runs no step.
+        """
+        from .checkpoint import latest_complete
+        from .resume_check import check_resume_config
+
+        if path is not None:
+            meta = read_meta(path)
+        else:
+            found = latest_complete(self.checkpoint_root)
+            if found is None:
+                return False
+            path, meta = found
+        check_resume_config(meta["config"], self.cfg, path)
         # ddp / fsdp reshard by themselves; ZeRO converts to DeepSpeed's universal format when the world changed
         self.strategy.load(join(path, "engine"), saved_world=meta["world"])
         self.ema.load(join(path, "ema"), self.rank)
@@ -192,6 +204,11 @@ class Trainer:
         self.ema.updates = meta["ema_updates"]
         if self.rank == 0:
             log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.loader.epoch)
+            steps = self.cfg.train.steps
+            if self.state.step >= steps:
+                log.info("%s is already complete at step %d (train.steps=%d): nothing to train; to train "
+                         "further, run the same command with --set train.steps=N, N > %d", self.run_dir,
+                         self.state.step, steps, self.state.step)
         return True
 
     def save(self) -> str:
