@@ -276,3 +276,12 @@ def test_a_batch_buffer_is_lent_until_the_last_tensor_on_its_memory_dies():
     assert third.data_ptr() == second_address  # back in the pool once nothing used it
     del kept
     assert buffers.take((2, 4, 4, 3)).data_ptr() == first_address
+
+
+def test_a_fresh_start_in_a_run_dir_with_a_list_starts_the_list_again(bad_label_set, tmp_path):
+    root, clean, bad = bad_label_set
+    log = str(tmp_path / "skipped.jsonl")
+    for _ in range(2):  # a run that stopped before its first checkpoint, then the same run again
+        loader = ShardLoader(spec_for(root), skipped_log=log)
+        list(loader)
+    assert sorted(r["key"] for r in read_jsonl(log)) == sorted(bad)

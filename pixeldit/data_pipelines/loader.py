@@ -36,6 +36,7 @@ from .features import (
 from .features import decode as decode_features
 from .index_shards import label_from
 from .manifest import Manifest, manifest_url, read_manifest
+from .storage import storage_options
 from .source import (
     EpochPlan,
     ReadStats,
@@ -437,6 +438,7 @@ class ShardLoader:
         self.spec, self.decoder, self.num_workers = spec, decoder, num_workers
         self.device, self.prefetch = torch.device(device), prefetch
         self.max_skipped_fraction, self.skipped_log = max_skipped_fraction, skipped_log
+        self.skipped_log_checked = False  # a run dir may hold the list of a run that stopped later
         self.join_deadline_s = join_deadline_s
         self.epoch, self.batches_done = 0, 0
         self.epoch_delivered, self.epoch_lost = 0, 0  # samples of the current epoch, for the budget
@@ -467,6 +469,9 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         total = len(self)
+        if not self.skipped_log_checked:
+            self.prune_skipped()
+            self.skipped_log_checked = True
         if self.decoder == "dali":
             from .dali import dali_batches
             batches = dali_batches(self.spec, self.epoch, self.batches_done, self.device, self.prefetch,
@@ -523,8 +528,9 @@ class ShardLoader:
             f.writelines(lines)
 
     def prune_skipped(self):
-        """After a resume, keep only what was skipped before the resumed position: the batches after
-        it are read again and list their skips again."""
+        """Keep only what was skipped before the position this loader starts at: the batches after it
+        are read again (after a resume, or a fresh start in a run dir that has a list) and list their
+        skips again."""
         if self.skipped_log is None or not os.path.exists(self.skipped_log):
             return
         with open(self.skipped_log) as f:
@@ -564,7 +570,6 @@ class ShardLoader:
         self.epoch_delivered, self.epoch_lost = state.get("epoch_delivered", 0), state.get("epoch_lost", 0)
         if (state["world"], state["lanes"], state["batch"]) == (s.world, s.lanes, s.batch):
             self.batches_done = state["batches_done"]
-            self.prune_skipped()
             return
         done = state["batches_done"] * state["world"] * state["batch"]
         self.batches_done = min(done // (s.world * s.batch), len(self))
@@ -572,7 +577,6 @@ class ShardLoader:
                     "batch %d of a re-split order; samples may repeat or be skipped until the epoch ends",
                     s.world, s.lanes, s.batch, state["world"], state["lanes"], state["batch"], self.epoch,
                     self.batches_done)
-        self.prune_skipped()
 
 
 def build_loader(cfg, rank: int, world_size: int, device: str = "cpu", run_dir: str | None = None) -> ShardLoader:
@@ -582,7 +586,7 @@ def build_loader(cfg, rank: int, world_size: int, device: str = "cpu", run_dir: 
     `skipped.rank<r>.jsonl`: each rank lists what it skipped itself.
     """
     data = cfg.data
-    options = {"io_timeout_s": data.io_timeout_s, **({"endpoint_url": data.endpoint_url} if data.endpoint_url else {})}
+    options = storage_options(data.endpoint_url, data.io_timeout_s, data.retries)
     manifest, images_sha256 = read_manifest(data.source, options)
     check_class_count(cfg.model.arch().num_classes, manifest, data.source)
     if cfg.train.global_batch % world_size:
