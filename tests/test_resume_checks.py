@@ -102,6 +102,26 @@ def test_repa_and_precision_are_fixed_where_they_matter():
         == [("distributed.precision", "fp32", "bf16")]
 
 
+def test_the_data_is_compared_by_content():
+    from pixeldit.platform.resume_check import refused_changes
+
+    saved = load_config(None, overrides("/data", 4)).to_dict()
+    moved = config("/mnt/copy", 4)
+    assert refused_changes(saved, moved, "a" * 64, "a" * 64) == []  # the same shards, read from elsewhere
+    assert refused_changes(saved, moved, "a" * 64, "b" * 64) == [("data.source", "/data", "/mnt/copy")]
+    assert refused_changes(saved, moved) == [("data.source", "/data", "/mnt/copy")]  # a checkpoint without one
+    # the same place holding other shards
+    assert refused_changes(saved, config("/data", 4), "a" * 64, "b" * 64) == \
+        [("data.source", f"/data (shards {'a' * 12})", f"/data (shards {'b' * 12})")]
+
+
+def test_shards_moved_elsewhere_resume(synthetic_shards, run, tmp_path):
+    moved = str(tmp_path / "moved")
+    shutil.copytree(synthetic_shards, moved)
+    trainer = Trainer(config(moved, 4), run)
+    assert trainer.resume() and trainer.state.step == 4
+
+
 def test_a_changed_architecture_is_one_line_through_the_cli(synthetic_shards, run, capsys, monkeypatch):
     from pixeldit.cli import main
     from pixeldit.platform import strategies

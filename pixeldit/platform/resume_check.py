@@ -10,6 +10,7 @@ the same table, with the reasons).
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from ..errors import CheckpointError
@@ -97,8 +98,16 @@ def _same_architecture(saved: dict, current: dict) -> bool:
         return False
 
 
-def refused_changes(saved: dict, cfg) -> list[tuple[str, object, object]]:
-    """(key, saved value, current value) for each change a resume cannot carry."""
+def data_fingerprint(manifest) -> str:
+    """The data's identity wherever it is read from: its classes and each shard's name, count and sha256."""
+    content = {"classes": list(manifest.classes), "shards": [[s.name, s.samples, s.sha256] for s in manifest.shards]}
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+
+
+def refused_changes(saved: dict, cfg, saved_data: str | None = None,
+                    data: str | None = None) -> list[tuple[str, object, object]]:
+    """(key, saved value, current value) for each change a resume cannot carry. `saved_data` and `data`
+    are the data fingerprints of the checkpoint and of this run (None where unknown)."""
     from .config import Config
 
     defaults = flatten(Config().to_dict())
@@ -121,7 +130,12 @@ def refused_changes(saved: dict, cfg) -> list[tuple[str, object, object]]:
             continue
         if key == "distributed.precision" and not zero:
             continue  # ddp and fsdp keep fp32 masters either way; DeepSpeed's files differ per precision
+        if key == "data.source" and saved_data is not None and saved_data == data:
+            continue  # the same shards, moved (a copy, another mount, the run directory's demo data)
         changes.append((key, before, value))
+    source = new.get("data.source")
+    if saved_data and data and saved_data != data and old.get("data.source") == source:
+        changes.append(("data.source", f"{source} (shards {saved_data[:12]})", f"{source} (shards {data[:12]})"))
     saved_model = {k[len("model."):]: v for k, v in old.items() if k.startswith("model.")}
     current_model = {k[len("model."):]: v for k, v in new.items() if k.startswith("model.")}
     if saved_model and not _same_architecture(saved_model, current_model):
@@ -131,9 +145,9 @@ def refused_changes(saved: dict, cfg) -> list[tuple[str, object, object]]:
     return changes
 
 
-def check_resume_config(saved: dict, cfg, checkpoint: str):
+def check_resume_config(saved: dict, cfg, checkpoint: str, saved_data: str | None = None, data: str | None = None):
     """Refuse, in one line, a resume whose config changes what a run cannot change."""
-    changes = refused_changes(saved, cfg)
+    changes = refused_changes(saved, cfg, saved_data, data)
     if not changes:
         return
     listed = ", ".join(f"{key}: {_show(a)} -> {_show(b)}" for key, a, b in changes)

@@ -182,7 +182,7 @@ class Trainer:
         A run already at train.steps loads and says so: fit's loop then runs no step.
         """
         from .checkpoint import latest_complete
-        from .resume_check import check_resume_config
+        from .resume_check import check_resume_config, data_fingerprint
 
         if path is not None:
             meta = read_meta(path)
@@ -191,7 +191,9 @@ class Trainer:
             if found is None:
                 return False
             path, meta = found
-        check_resume_config(meta["config"], self.cfg, path)
+        # the data is compared by content, so shards moved elsewhere (or a moved demo run) still resume
+        check_resume_config(meta["config"], self.cfg, path, meta.get("data_fingerprint"),
+                            data_fingerprint(self.loader.spec.manifest))
         # ddp / fsdp reshard by themselves; ZeRO converts to DeepSpeed's universal format when the world changed
         self.strategy.load(join(path, "engine"), saved_world=meta["world"])
         self.ema.load(join(path, "ema"), self.rank)
@@ -212,13 +214,15 @@ class Trainer:
         return True
 
     def save(self) -> str:
+        from .resume_check import data_fingerprint
+
         s = self.state
         meta = {"step": s.step, "world": self.world, "strategy": self.strategy.name,
                 "state": {"step": s.step, "updates": s.updates, "skipped": s.skipped,
                           "consecutive_skips": s.consecutive_skips},
                 "ema_updates": self.ema.updates, "epoch": self.loader.epoch,
                 "model": {"name": self.cfg.model.name, **self.cfg.model.overrides()},
-                "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict(), "data_fingerprint": data_fingerprint(self.loader.spec.manifest)}
         rank_state = {"loader": self.loader.state_dict(), "rng": _rng_state()}
         return save_checkpoint(self.checkpoint_root, s.step, self.rank, strategy=self.strategy, ema=self.ema,
                                rank_state=rank_state, meta=meta, keep_last=self.cfg.checkpoint.keep_last)
