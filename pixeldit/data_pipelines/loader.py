@@ -36,6 +36,7 @@ from .features import (
 from .features import decode as decode_features
 from .index_shards import label_from
 from .manifest import Manifest, manifest_url, read_manifest
+from .storage import storage_options
 from .source import (
     EpochPlan,
     ReadStats,
@@ -585,7 +586,7 @@ def build_loader(cfg, rank: int, world_size: int, device: str = "cpu", run_dir: 
     `skipped.rank<r>.jsonl`: each rank lists what it skipped itself.
     """
     data = cfg.data
-    options = {"endpoint_url": data.endpoint_url} if data.endpoint_url else None
+    options = storage_options(data.endpoint_url, data.io_timeout_s, data.retries)
     manifest, images_sha256 = read_manifest(data.source, options)
     check_class_count(cfg.model.arch().num_classes, manifest, data.source)
     if cfg.train.global_batch % world_size:

@@ -48,7 +48,7 @@ def cache_features(data: str, out: str, encoder: DinoV2Encoder, *, dtype: str = 
     images, images_sha256 = read_manifest(data, options)
     settings = {"encoder": encoder.name, "weights_sha256": encoder.digest, "image_size": encoder.image_size,
                 "dtype": dtype, "flip": flip, "images_sha256": images_sha256}
-    reader = ShardReader(images, data, options, skip_failed=False)
+    reader = ShardReader(images, data, options)
     crop = not (images.image.mode == "adm" and images.image.size == encoder.image_size)
     device = next(encoder.parameters()).device
     if protocol_of(out) == "file":

@@ -18,15 +18,19 @@ batch size) and the manifest's sample counts:
    up from 1/8 of it) are permuted by (seed, epoch, rank, lane, window).
    Resuming re-reads (without decoding) at most one window per lane.
 
-Streams go through fsspec; a transient failure (5xx, throttling, reset, short
-read) reopens the shard at the first sample not yet delivered, from the DALI
-index offsets, so nothing is duplicated or lost.
+Streams go through fsspec; a transient failure (5xx, throttling, reset, a body
+cut short) reopens the shard at the first sample not yet delivered, from the
+DALI index offsets, so nothing is duplicated or lost; the reopens back off
+exponentially with jitter until `data.io_timeout_s`. Any other failure (a
+missing shard, a 403, a deadline passed) stops the epoch with one line naming
+the URL: the reader never skips what it could not read.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -34,7 +38,8 @@ import numpy as np
 
 from ..diffusion.randomness import stream_seed
 from .manifest import Manifest, shard_root, shard_url
-from .storage import MappedFile, filesystem, is_local, is_transient, join, read_bytes, strip_protocol
+from .storage import (STORAGE_EXCEPTIONS, CorruptContent, MappedFile, Retrying, client_retries, filesystem,
+                      io_timeout, is_local, join, read_bytes, strip_protocol)
 from .tario import (
     TruncatedSample,
     intact_samples,
@@ -205,12 +210,14 @@ def window_order(seed: int, epoch: int, split: Split, lane: int, window: int, si
 
 
 class ShardReader:
-    """Reads runs of consecutive samples of one shard set, reopening on transient failures."""
+    """Reads runs of consecutive samples of one shard set, reopening on transient failures.
 
-    def __init__(self, manifest: Manifest, root: str, options: dict | None = None, retries: int = 5,
-                 skip_failed: bool = True):
+    `stats.retries` counts every retry made for this reader: its own reopens and index reads,
+    and the S3 client's retries of requests (taken from the filesystem's counter as it reads).
+    """
+
+    def __init__(self, manifest: Manifest, root: str, options: dict | None = None):
         self.manifest, self.root, self.options = manifest, shard_root(root), options
-        self.retries, self.skip_failed = retries, skip_failed
         self.stats = ReadStats()
         self._index: dict[int, list[tuple[int, int]]] = {}
 
@@ -220,10 +227,11 @@ class ShardReader:
     def index(self, shard: int) -> list[tuple[int, int]]:
         if shard not in self._index:
             url = join(self.root, self.manifest.shards[shard].index)
-            entries = parse_index(read_bytes(url, self.options, self.retries).decode(), url)
+            entries = parse_index(read_bytes(url, self.options, on_retry=self._count_retry).decode(), url)
             if len(entries) != self.manifest.shards[shard].samples:
-                raise ValueError(f"{url}: {len(entries)} samples, the manifest says "
-                                 f"{self.manifest.shards[shard].samples}")
+                raise CorruptContent(f"{url}: {len(entries)} samples, the manifest says "
+                                     f"{self.manifest.shards[shard].samples}; the index belongs to another "
+                                     f"version of the shard (check with `pixeldit shards verify`)")
             self._index[shard] = entries
         return self._index[shard]
 
@@ -232,9 +240,11 @@ class ShardReader:
         url = self.url(shard)
         entries = self.index(shard)
         fs = None if is_local(url) else filesystem(url, self.options)
-        member, failures = first, 0
+        retrying = Retrying(url, io_timeout(self.options))
+        member = first
         shard_end = self.manifest.shards[shard].bytes
         while member < stop:
+            started = time.monotonic()
             try:
                 with MappedFile(strip_protocol(url)) if fs is None else \
                         fs.open(strip_protocol(url), "rb", block_size=CHUNK_BYTES, cache_type="none") as f:
@@ -257,7 +267,10 @@ class ShardReader:
                             last += 1
                         base = entries[member][0]
                         end = min(entries[last][0] if last < len(entries) else shard_end, size)
+                        started = time.monotonic()
                         view = memoryview(read_exact(f, end - base, url))
+                        retrying.succeeded()
+                        self.stats.retries += client_retries(fs)
                         members = None
                         while member < last:
                             # the index gives every member's offset and size: slice, checking only
@@ -270,24 +283,15 @@ class ShardReader:
                             key, files = sliced
                             yield member, key, files
                             member += 1
-                            failures = 0
-            except Exception as e:  # noqa: BLE001 - classified: transient ones reopen, others surface
-                if isinstance(e, GeneratorExit):
-                    raise
-                failures += 1
-                transient = is_transient(e) or isinstance(e, ValueError) and "archive ended" in str(e)
-                if transient and failures < self.retries:
-                    self.stats.retries += 1
-                    log.warning("%s: %s: %s; reopening at sample %d (retry %d/%d)", url, type(e).__name__, e,
-                                member, failures, self.retries - 1)
-                    continue
-                if self.skip_failed:
-                    log.error("%s: giving up on samples %d..%d after %d attempts (%s: %s); skipping them",
-                              url, member, stop - 1, failures, type(e).__name__, e)
-                    self.stats.unreadable += stop - member
-                    return
-                raise OSError(f"{url}: unreadable at sample {member} after {failures} attempts: "
-                              f"{type(e).__name__}: {e} (check it with `pixeldit shards verify`)") from e
+            except STORAGE_EXCEPTIONS as e:
+                self.stats.retries += client_retries(fs)
+                # transient: back off, then reopen at `member`; anything else is raised, typed
+                retrying.wait(e, started)
+                self.stats.retries += 1
+                log.info("%s: reopening at sample %d", url, member)
+
+    def _count_retry(self, error: BaseException):
+        self.stats.retries += 1
 
 
 @dataclass

@@ -67,9 +67,8 @@ class DataConfig:
     shuffle_window: int = 512
     # S3-compatible endpoint (else AWS_ENDPOINT_URL / the default); credentials from the environment
     endpoint_url: Optional[str] = None
-    retries: int = 5
-    # a shard that keeps failing: skip its remaining samples and count them, or stop the run
-    skip_failed_shards: bool = True
+    # retries of one S3 request inside the client (quick, counted), before the reader's own backoff
+    retries: int = 2
     # corrupt content (undecodable image, bad label, truncated member) is skipped and counted; past
     # this fraction of an epoch's samples the run stops (docs/data.md)
     max_skipped_fraction: float = 0.001
