@@ -196,9 +196,10 @@ DAMAGE = {
     "meta_missing": (lambda r: os.remove(os.path.join(ckpt(r, 4), "meta.json")), 2,
                      "step_00000004/meta.json is missing"),
     "meta_of_something_else": (lambda r: _write(os.path.join(ckpt(r, 4), "meta.json"), b'{"step": 4}'), 2,
-                               "step_00000004/meta.json lacks world, strategy, state"),
+                               "step_00000004/meta.json lacks world, strategy, state, ema_updates, model, config "
+                               "(damaged, or not one of our checkpoints)"),
     "rank_file_missing": (lambda r: os.remove(os.path.join(ckpt(r, 4), "rank_00000.pt")), 2,
-                          "step_00000004 lacks rank_00000.pt named by its meta.json"),
+                          "step_00000004 lacks rank_00000.pt (its meta.json says 1 rank(s) saved it)"),
 }
 
 

@@ -240,17 +240,18 @@ def inspect_checkpoint(path: str) -> tuple[dict | None, str | None]:
     if not isinstance(meta, dict):
         return None, f"{file} holds a {type(meta).__name__}, not a mapping"
     missing = [k for k in META_KEYS if k not in meta]
-    if not isinstance(meta.get("state"), dict):
-        missing.append("state")
-    else:
+    if isinstance(meta.get("state"), dict):
         missing += [f"state.{k}" for k in STATE_KEYS if k not in meta["state"]]
+    elif "state" in meta:
+        missing.append("state as a mapping")
     if missing or not isinstance(meta.get("world"), int) or meta["world"] < 1:
         return None, f"{file} lacks {', '.join(missing) or 'a valid world'} (damaged, or not one of our checkpoints)"
     present = _listing(path) or set()
     parts = ["engine", "ema", *(f"rank_{r:05d}.pt" for r in range(meta["world"]))]
     absent = [p for p in parts if p not in present]
     if absent:
-        return None, f"{path} lacks {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''} named by its {META}"
+        return None, (f"{path} lacks {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''} (its {META} says "
+                      f"{meta['world']} rank(s) saved it)")
     return meta, None
 
 
