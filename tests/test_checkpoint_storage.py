@@ -23,7 +23,7 @@ def _overrides(data, strategy, steps, root, endpoint):
     return [f"data.source={data}", "data.image_size=16", "model.patch_size=4", f"distributed.strategy={strategy}",
             "distributed.precision=fp32", "train.global_batch=8", "train.micro_batch=4", f"train.steps={steps}",
             "logging.tensorboard=false", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
-            f"checkpoint.dir={root}", f"checkpoint.endpoint_url={endpoint}", "ema.warmup=true", "optim.lr=1e-3"]
+            f"checkpoint.dir={root}", f"checkpoint.endpoint_url={endpoint}", "ema.warmup=true", "schedule.stages[0].lr=1e-3"]
 
 
 def _snapshot(trainer):

@@ -18,7 +18,7 @@ def _overrides(data, strategy, steps, precision="fp32"):
     return [f"data.source={data}", "data.image_size=16", "model.patch_size=4", f"distributed.strategy={strategy}",
             f"distributed.precision={precision}", "train.global_batch=8", "train.micro_batch=2",
             f"train.steps={steps}", "logging.tensorboard=false", f"checkpoint.every_steps={steps // 2}",
-            "checkpoint.keep_last=5", "ema.warmup=true", "optim.lr=1e-3"]
+            "checkpoint.keep_last=5", "ema.warmup=true", "schedule.stages[0].lr=1e-3"]
 
 
 def _run(rank, world, data, root, plan):

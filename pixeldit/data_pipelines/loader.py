@@ -589,9 +589,7 @@ def build_loader(cfg, rank: int, world_size: int, device: str = "cpu", run_dir: 
     options = storage_options(data.endpoint_url, data.io_timeout_s, data.retries)
     manifest, images_sha256 = read_manifest(data.source, options)
     check_class_count(cfg.model.arch().num_classes, manifest, data.source)
-    if cfg.train.global_batch % world_size:
-        raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by the world size {world_size}")
-    per_rank = cfg.train.global_batch // world_size
+    per_rank = cfg.train.layout(world_size).per_rank
     lanes = max(1, data.num_workers)
     features = None
     if cfg.repa.mode == "cached":

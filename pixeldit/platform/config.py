@@ -1,15 +1,20 @@
 """The one config system: typed dataclasses, loaded from YAML, with `--set a.b=value`.
 
 Every value is checked against its field's type while loading, and every
-unknown key is refused, each error naming the key path (`optim.lr`,
-`schedule.stages[1].clip`), before any work starts. Sections validate their own
-ranges in `check()`; `Config.check()` holds the cross-section rules.
+unknown key is refused with a "did you mean" (difflib), each error naming the
+key path (`optim.betas`, `schedule.stages[1].clip`) and the file or the `--set`
+it came from, before any work starts. Sections validate their own ranges in
+`check()`; `Config.check()` holds the cross-section rules. The batch layout over
+a world size is decided in batch_layout.py (`TrainConfig.layout`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -120,20 +125,20 @@ class RepaConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    """AdamW. The lr has one owner, the schedule: `schedule.stages[0].lr` is the starting lr."""
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
 
     def check(self, path: str):
-        _positive(self, path, "lr", "eps")
+        _positive(self, path, "eps")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{path}.betas={list(self.betas)} must lie in [0, 1)")
 
 
 @dataclass
 class Stage:
-    """A scalar setting in force from `start` (in schedule.unit) until the next stage."""
+    """The lr and clip in force from `start` (in schedule.unit) until the next stage; the only lr setting."""
     start: int = 0
     lr: float = 1e-4
     clip: float = 1.0
@@ -253,8 +258,11 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
+    # the recipe's batch per optimizer step, whatever the number of GPUs
     global_batch: int = 8
-    micro_batch: int = 8
+    # the most samples per forward / backward on one rank (a memory choice), or `auto`; the
+    # accumulation follows from the world size (platform/batch_layout.py)
+    micro_batch: int | Literal["auto"] = "auto"
     steps: int = 20
     run_dir: str = "runs/demo"
     init_from: Optional[str] = None
@@ -264,7 +272,14 @@ class TrainConfig:
     compile: bool = False
 
     def check(self, path: str):
-        _positive(self, path, "global_batch", "micro_batch", "steps")
+        _positive(self, path, "global_batch", "steps")
+        if self.micro_batch != "auto":
+            _positive(self, path, "micro_batch")
+
+    def layout(self, world: int, per_node: int | None = None):
+        """This batch over `world` ranks (a LaunchError naming what would work if it cannot be)."""
+        from .batch_layout import batch_layout
+        return batch_layout(self.global_batch, self.micro_batch, world, per_node)
 
 
 @dataclass
@@ -291,9 +306,6 @@ class Config:
         if self.data.image_size % arch.patch_size:
             raise ConfigError(f"data.image_size={self.data.image_size} is not divisible by the "
                               f"model's patch size {arch.patch_size}")
-        if self.train.global_batch % self.train.micro_batch:
-            raise ConfigError(f"train.global_batch={self.train.global_batch} is not divisible by "
-                              f"train.micro_batch={self.train.micro_batch}")
         if self.repa.mode != "off" and not 1 <= self.repa.block <= arch.patch_depth:
             raise ConfigError(f"repa.block={self.repa.block} outside 1..{arch.patch_depth} (model.patch_depth)")
         return self
@@ -322,8 +334,12 @@ def _plain(value):
     return value
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _expected(tp) -> str:
+    """What a value of annotation `tp` looks like, for error messages."""
+    if typing.get_origin(tp) is Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", None) or str(tp).replace("typing.", ""))
 
 
 def _convert(value, tp, path: str):
@@ -340,8 +356,8 @@ def _convert(value, tp, path: str):
                 return _convert(value, option, path)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of "
-                          f"{[_type_name(o) for o in options]}")
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{path}: expected {' or '.join(_expected(o) for o in options)}, got {value!r}")
     if origin is Literal:
         if value is False and "off" in args:
             value = "off"  # YAML 1.1 reads a bare `off` as false
@@ -395,29 +411,124 @@ def _build(cls, data, path: str):
     for key in data:
         if key not in names:
             where = f"{path}.{key}" if path else key
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"{where}: unknown key ({_did_you_mean(where, sorted(names))})")
     kwargs = {k: _convert(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)
 
 
+# ---------------------------------------------------------------- --set and suggestions
+
+_PIECE = re.compile(r"([A-Za-z_]\w*)((?:\[\d+\])*)")
+
+
+def _key_paths(node, prefix: str = "") -> list[str]:
+    """Every settable path of a config tree: sections, values and list items (`schedule.stages[0].lr`)."""
+    paths = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else key
+            paths += [path, *_key_paths(value, path)]
+    elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+        for i, value in enumerate(node):
+            paths += [f"{prefix}[{i}]", *_key_paths(value, f"{prefix}[{i}]")]
+    return paths
+
+
+@functools.cache
+def _default_paths() -> tuple[str, ...]:
+    return tuple(_key_paths(Config().to_dict()))
+
+
+def _leaf(path: str) -> str:
+    return re.sub(r"\[\d+\]", "", path.rsplit(".", 1)[-1])
+
+
+def _did_you_mean(path: str, known: list[str], paths: tuple[str, ...] | None = None) -> str:
+    """`did you mean X?` for a wrong key path: the same name elsewhere (optim.lr -> the schedule's),
+    else a close spelling of the name, else a close spelling of the whole path; the known keys when
+    nothing is close."""
+    paths = paths or _default_paths()
+    leaves = sorted({_leaf(p) for p in paths})
+    name = _leaf(path)
+    close = [name] if name in leaves else difflib.get_close_matches(name, leaves, n=1, cutoff=0.75)
+    candidates = [p for p in paths if close and _leaf(p) == close[0]]
+    if candidates:
+        best = max(candidates, key=lambda p: difflib.SequenceMatcher(None, path, p).ratio())
+        return f"did you mean {best}?"
+    spelled = difflib.get_close_matches(path, paths, n=1, cutoff=0.75)
+    if spelled:
+        return f"did you mean {spelled[0]}?"
+    return f"known: {', '.join(known)}"
+
+
+def _parse_key(key: str, assignment: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for piece in key.split("."):
+        match = _PIECE.fullmatch(piece)
+        if not match:
+            raise ConfigError(f"--set {assignment}: {key!r} is not a key path (write it like optim.betas or "
+                              f"schedule.stages[0].lr)")
+        parts.append(match.group(1))
+        parts += [int(i) for i in re.findall(r"\d+", match.group(2))]
+    return parts
+
+
+def _path_text(parts: list[str | int]) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
 def _apply_override(tree: dict, assignment: str):
+    """`key.path=value` into the full tree of a loaded config, every error naming the --set."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
-    key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value, e.g. --set train.steps=100")
+    key, raw = (text.strip() for text in assignment.split("=", 1))
+    parts = _parse_key(key, assignment)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        reason = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({reason})") from None
     node = tree
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, cannot set {key}")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    for depth, part in enumerate(parts):
+        where = _path_text(parts[:depth + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list):
+                raise ConfigError(f"--set {assignment}: {_path_text(parts[:depth])} is not a list")
+            if not 0 <= part < len(node):
+                raise ConfigError(f"--set {assignment}: {_path_text(parts[:depth])} has {len(node)} item(s) "
+                                  f"(0..{len(node) - 1}); to add one, set the whole list, e.g. --set "
+                                  f"'schedule.stages=[{{start: 0, lr: 1e-4}}, {{start: 100, lr: 1e-5}}]'")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment}: {_path_text(parts[:depth])} is a value, not a section")
+        elif part not in node:
+            paths = tuple(_key_paths(tree))
+            raise ConfigError(f"--set {assignment}: unknown key {where} "
+                              f"({_did_you_mean(_path_text(parts), sorted(node), paths)})")
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def _blame(error: ConfigError, path: Path, overrides) -> str:
+    """What caused a rule's failure: the last --set whose key the message names, else the file."""
+    for assignment in reversed(overrides):
+        key = assignment.split("=", 1)[0].strip()
+        if key and key in str(error):
+            return f"--set {assignment}"
+    return str(path)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """YAML file (default: the embedded demo config) + `a.b=value` overrides → checked Config."""
+    """YAML file (default: the embedded demo config) + `a.b=value` overrides -> checked Config.
+
+    The file is read and typed first (its errors name the file); each override then sets one path
+    of the full config (list items by index: `schedule.stages[0].lr`), and its errors name the
+    `--set`. The cross-section rules run last, on the result.
+    """
     path = Path(path) if path else DEFAULT_CONFIG
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -425,12 +536,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    for assignment in overrides:
-        _apply_override(tree, assignment)
     try:
-        return _build(Config, tree, "").check()
+        cfg = _build(Config, tree, "")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    if overrides:
+        full = cfg.to_dict()
+        for assignment in overrides:
+            _apply_override(full, assignment)
+            try:
+                cfg = _build(Config, full, "")
+            except ConfigError as e:
+                raise ConfigError(f"--set {assignment}: {e}") from None
+    try:
+        return cfg.check()
+    except ConfigError as e:
+        raise ConfigError(f"{_blame(e, path, overrides)}: {e}") from None
 
 
 def config_from_dict(tree: dict) -> Config:

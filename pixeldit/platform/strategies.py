@@ -59,8 +59,8 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _adamw(params, optim_cfg):
-    return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+def _adamw(params, optim_cfg, lr: float):
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                              weight_decay=optim_cfg.weight_decay, foreach=True)
 
 
@@ -75,7 +75,7 @@ class Strategy:
         self.module, self.cfg, self.device = module, cfg, device
         self.rank, self.world = _world()
         self.bf16 = cfg.distributed.precision == "bf16"
-        self.accum = cfg.train.global_batch // (self.world * cfg.train.micro_batch)
+        self.layout = cfg.train.layout(self.world)
 
     # ---- forward / backward
     def autocast(self):
@@ -125,7 +125,7 @@ class DDPStrategy(Strategy):
                                                    else None, broadcast_buffers=False)
         else:
             self.wrapped = self.module
-        self.optimizer = _adamw(self.module.parameters(), cfg.optim)
+        self.optimizer = _adamw(self.module.parameters(), cfg.optim, cfg.schedule.stages[0].lr)
 
     def accumulating(self, last: bool):
         if self.world > 1 and not last:
@@ -165,7 +165,7 @@ class FSDPStrategy(Strategy):
             fully_shard(block, mp_policy=policy)
         fully_shard(module, mp_policy=policy)
         self.module = self.wrapped = module
-        self.optimizer = _adamw(module.parameters(), cfg.optim)
+        self.optimizer = _adamw(module.parameters(), cfg.optim, cfg.schedule.stages[0].lr)
 
     def forward(self, x_t, t, y):
         # FSDP2 casts parameters itself; the inputs follow its param dtype
@@ -219,13 +219,13 @@ class ZeroStrategy(Strategy):
         optim = cfg.optim
         ds_config = {
             "train_batch_size": cfg.train.global_batch,
-            "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
-            "gradient_accumulation_steps": self.accum,
+            "train_micro_batch_size_per_gpu": self.layout.micro_batch,
+            "gradient_accumulation_steps": self.layout.accumulation,
             "gradient_clipping": cfg.schedule.stages[0].clip,
             "zero_optimization": {"stage": stage},
             "bf16": {"enabled": self.bf16},
             "optimizer": {"type": "AdamW", "params": {
-                "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
+                "lr": cfg.schedule.stages[0].lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
                 "torch_adam": True, "adam_w_mode": True}},
             "steps_per_print": 10 ** 9,
             "wall_clock_breakdown": False,

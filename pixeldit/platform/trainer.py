@@ -55,14 +55,6 @@ def setup_distributed(cfg) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
-def check_world(cfg, world: int):
-    """Refuse impossible batch layouts before any process group work."""
-    t = cfg.train
-    if t.global_batch % (world * t.micro_batch):
-        raise ValueError(f"train.global_batch={t.global_batch} is not divisible by world size {world} x "
-                         f"train.micro_batch={t.micro_batch}")
-
-
 def ensure_synthetic_data(cfg, run_dir: str, rank: int) -> str:
     """The demo's data: coloured shapes written under the run directory on first use."""
     from ..data_pipelines.manifest import MANIFEST
@@ -108,7 +100,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir or cfg.train.run_dir
         self.rank, self.world, self.device = setup_distributed(cfg)
-        check_world(cfg, self.world)
+        self.layout = cfg.train.layout(self.world)  # refuses a batch the ranks cannot share before any work
         native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         if self.device.type == "cpu" and cfg.distributed.precision == "bf16" and not native_bf16:
             log.warning("bf16 on a CPU without avx512_bf16/AMX runs emulated matmuls, ~40x slower than fp32 "
@@ -230,7 +222,7 @@ class Trainer:
     # ------------------------------------------------------------ one step
 
     def _micro_batches(self, batch: dict):
-        n = self.cfg.train.micro_batch
+        n = self.layout.micro_batch
         for i in range(0, len(batch["key"]), n):
             yield {k: v[i:i + n] for k, v in batch.items()}
 
