@@ -14,7 +14,8 @@ import sys
 def _add_config_args(parser: argparse.ArgumentParser):
     parser.add_argument("--config", default=None, help="YAML config (default: the embedded demo config)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config value, e.g. --set optim.lr=5e-5 (repeatable)")
+                        help="override one config value, e.g. --set schedule.stages[0].lr=5e-5 or "
+                             "--set train.steps=100 (repeatable)")
 
 
 def cmd_info(args) -> int:
@@ -148,13 +149,20 @@ def cmd_export(args) -> int:
 
 def cmd_launch(args) -> int:
     import shlex
+    import signal
     import subprocess
 
     from pixeldit import launchers
+    from pixeldit.platform.config import load_config
 
-    train_args = args.train_args
-    launch = launchers.Launch(nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, node_rank=args.node_rank,
-                              master_addr=args.master_addr, master_port=args.master_port, train_args=train_args)
+    launch = launchers.plan(args.launcher, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
+                            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+                            hostfile=args.hostfile, train_args=args.train_args)
+    # the config the launched processes will load, checked here: a batch the ranks cannot share fails
+    # in this terminal, not minutes into an allocation
+    train = build_parser().parse_args(["train", *args.train_args])
+    cfg = load_config(train.config, train.overrides)
+    cfg.train.layout(launch.world, per_node=launch.nproc_per_node)
     if args.launcher == "slurm":
         print(launchers.slurm_script(launch, partition=args.partition, time_limit=args.time), end="")
         return 0
@@ -163,7 +171,26 @@ def cmd_launch(args) -> int:
     else:
         cmd = launchers.deepspeed(launch, hostfile=args.hostfile, no_ssh=args.no_ssh)
     print(" ".join(shlex.quote(c) for c in cmd), flush=True)
-    return 0 if args.print_only else subprocess.call(cmd)
+    if args.print_only:
+        return 0
+    process = subprocess.Popen(cmd)
+    interrupted = False
+    while True:
+        try:
+            code = process.wait()
+            return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + N
+        except KeyboardInterrupt:
+            # the launcher passes the Ctrl-C on and the training processes save and exit: wait for them
+            # rather than kill the launcher under them
+            if interrupted and args.launcher == "torchrun":
+                # torchrun starts each worker in a session of its own and passes on only the first
+                # Ctrl-C; the second aborts the workers, as it does a plain `pixeldit train`
+                for pid in launchers.child_pids(process.pid):
+                    os.kill(pid, signal.SIGINT)
+            elif not interrupted:
+                print("pixeldit launch: Ctrl-C: waiting for the training processes to save and exit "
+                      "(Ctrl-C again aborts them)", file=sys.stderr, flush=True)
+            interrupted = True
 
 
 def cmd_sample(args) -> int:
@@ -209,12 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", default=None, help="override train.run_dir")
     train.set_defaults(func=cmd_train)
 
-    launch = verbs.add_parser("launch", help="build (and run) a torchrun / deepspeed / SLURM launch of `train`")
+    launch = verbs.add_parser("launch", help="build (and run) a torchrun / deepspeed / SLURM launch of `train`",
+                              description="pixeldit launch LAUNCHER [options] -- TRAIN ARGUMENTS: the config and "
+                                          "--set overrides after `--` are loaded and the batch layout checked "
+                                          "against nodes x processes before anything starts")
     launch.add_argument("launcher", choices=["torchrun", "deepspeed", "slurm"])
-    launch.add_argument("--nnodes", type=int, default=1)
-    launch.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per node")
+    launch.add_argument("--nnodes", type=int, default=None,
+                        help="nodes (default: the hostfile's host count for deepspeed, else 1)")
+    launch.add_argument("--nproc-per-node", type=int, default=None,
+                        help="processes (GPUs) per node (default: the hostfile's slots for deepspeed, else 1)")
     launch.add_argument("--node-rank", type=int, default=0)
-    launch.add_argument("--master-addr", default="127.0.0.1")
+    launch.add_argument("--master-addr", default=None,
+                        help="address of node 0 (default: the hostfile's first host for deepspeed; 127.0.0.1 "
+                             "for one node; required for multi-node torchrun)")
     launch.add_argument("--master-port", type=int, default=29500)
     launch.add_argument("--rdzv", choices=["static", "c10d"], default="static", help="torchrun rendezvous")
     launch.add_argument("--hostfile", default=None, help="deepspeed hostfile (pdsh launch from node 0)")
@@ -309,7 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     # `pixeldit launch ... -- <train arguments>`: everything after -- belongs to the launched train
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.verb == "launch":
+        # a forgotten `--`: the train arguments were read as the launcher's own
+        rest = list(argv)
+        for token in unknown:
+            rest.remove(token)
+        print(f"pixeldit launch: error: unrecognized arguments: {' '.join(unknown)}; put the train arguments "
+              f"after `--`: pixeldit {' '.join(rest)} -- {' '.join([*unknown, *train_args])}", file=sys.stderr)
+        return 2
+    if unknown:
+        parser.parse_args(argv)  # argparse's own message and exit
     args.train_args = train_args
     from pixeldit.errors import PixelDiTError
     try:

@@ -1,13 +1,22 @@
-"""Two "nodes" on loopback: two launcher invocations with one process each, training a tiny model."""
+"""Launch: two "nodes" on loopback (two launcher invocations with one process each, training a tiny
+model), the checks `pixeldit launch` makes before it prints or starts anything, the deepspeed
+hostfile rules, and the SLURM script run by bash with fake `srun` / `scancel` / `scontrol`."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 
 import pytest
 
+from pixeldit.cli import main
+from pixeldit.launchers import SHUTDOWN_TIMEOUT_S, SIGNAL_LEAD_S, Launch, plan, slurm_script
 from tests.dist import free_port
+
+XL = "configs/imagenet256/pixeldit_xl.yaml"
 
 
 def _train_args(run_dir, data):
@@ -21,7 +30,8 @@ def test_two_nodes_on_loopback(launcher, synthetic_shards, tmp_path):
     run = str(tmp_path / "run")
     port = free_port()
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    # the master address comes from the hostfile's first host (no --master-addr below)
+    hostfile.write_text("# two loopback nodes\n127.0.0.1 slots=1\n\nlocalhost slots=1\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".torch_extensions"))
     procs = []
@@ -30,6 +40,8 @@ def test_two_nodes_on_loopback(launcher, synthetic_shards, tmp_path):
                "--master-port", str(port)]
         if launcher == "deepspeed":
             cmd += ["--hostfile", str(hostfile), "--no-ssh"]
+        else:
+            cmd += ["--master-addr", "127.0.0.1"]  # a multi-node torchrun has no default master
         procs.append(subprocess.Popen(cmd + ["--", *_train_args(run, synthetic_shards)], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outputs = []
@@ -47,11 +59,260 @@ def test_two_nodes_on_loopback(launcher, synthetic_shards, tmp_path):
 
 def test_slurm_script_and_printed_commands():
     out = subprocess.run([sys.executable, "-m", "pixeldit", "launch", "slurm", "--nnodes", "4", "--nproc-per-node",
-                          "8", "--", "--config", "configs/imagenet256/pixeldit_xl.yaml"],
-                         capture_output=True, text=True, check=True).stdout
-    assert "#SBATCH --nodes=4" in out and "#SBATCH --gpus-per-node=8" in out and "--signal=TERM@300" in out
-    assert "--rdzv-backend=c10d" in out and "-m pixeldit train --config configs/imagenet256/pixeldit_xl.yaml" in out
+                          "8", "--", "--config", XL], capture_output=True, text=True, check=True).stdout
+    assert "#SBATCH --nodes=4" in out and "#SBATCH --gpus-per-node=8" in out
+    assert f"#SBATCH --signal=B:USR1@{SIGNAL_LEAD_S}" in out and "#SBATCH --requeue" in out
+    assert f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}" in out and SHUTDOWN_TIMEOUT_S < SIGNAL_LEAD_S
+    assert "--rdzv-backend=c10d" in out and f"-m pixeldit train --config {XL}" in out
     out = subprocess.run([sys.executable, "-m", "pixeldit", "launch", "torchrun", "--nproc-per-node", "8",
                           "--print", "--", "--set", "train.steps=10"], capture_output=True, text=True, check=True)
     assert "torch.distributed.run --nnodes=1 --nproc-per-node=8" in out.stdout
+    assert "--master-addr=127.0.0.1" in out.stdout  # one node: loopback
     assert out.stdout.strip().endswith("-m pixeldit train --set train.steps=10")
+
+
+# ---------------------------------------------------------------- checks before anything starts
+
+def _launch(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_launch_refuses_a_batch_the_ranks_cannot_share_before_printing(capsys):
+    code, out, err = _launch(capsys, "launch", "slurm", "--nnodes", "6", "--nproc-per-node", "8", "--", "--config", XL)
+    assert code == 2 and out == ""  # no script to submit
+    assert err == ("pixeldit launch: error: train.global_batch=256 over 48 ranks (6 nodes x 8 processes): the ranks "
+                   "must share it evenly; use 4 or 8 nodes of 8, or set train.global_batch=288\n")
+    # the same config, the suggested layout and the --set overrides after `--` are what is checked
+    code, out, _ = _launch(capsys, "launch", "slurm", "--nnodes", "4", "--nproc-per-node", "8", "--", "--config", XL)
+    assert code == 0 and out.startswith("#!/bin/bash")
+    code, out, err = _launch(capsys, "launch", "torchrun", "--nproc-per-node", "8", "--print", "--", "--config", XL,
+                             "--set", "train.global_batch=100")
+    assert code == 2 and out == "" and "train.global_batch=100 over 8 ranks" in err
+    code, out, err = _launch(capsys, "launch", "torchrun", "--print", "--", "--set", "optim.lrr=1")
+    assert code == 2 and out == ""
+    assert "--set optim.lrr=1: unknown key optim.lrr (did you mean schedule.stages[0].lr?)" in err
+
+
+def test_the_demo_launches_on_two_processes(capsys):
+    code, out, _ = _launch(capsys, "launch", "torchrun", "--nproc-per-node", "2", "--print")
+    assert code == 0 and "--nproc-per-node=2" in out
+
+
+def test_a_forgotten_double_dash_gets_a_hint(capsys):
+    code, out, err = _launch(capsys, "launch", "torchrun", "--nproc-per-node", "2", "--config", "x.yaml")
+    assert code == 2 and out == ""
+    assert err.strip() == ("pixeldit launch: error: unrecognized arguments: --config x.yaml; put the train arguments "
+                           "after `--`: pixeldit launch torchrun --nproc-per-node 2 -- --config x.yaml")
+
+
+def test_multi_node_torchrun_needs_a_master_address(capsys):
+    code, out, err = _launch(capsys, "launch", "torchrun", "--nnodes", "2", "--print")
+    assert code == 2 and out == "" and "torchrun --nnodes 2: give --master-addr" in err
+
+
+# ---------------------------------------------------------------- deepspeed hostfiles
+
+HOSTFILE = textwrap.dedent("""\
+    # four nodes of eight GPUs
+    gpu-a slots=8
+
+    gpu-b slots=8   # rack 2
+    gpu-c slots=8
+    gpu-d slots=8
+""")
+
+
+def test_deepspeed_multi_host_command_takes_the_master_from_the_hostfile(tmp_path, capsys):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(HOSTFILE)
+    code, out, err = _launch(capsys, "launch", "deepspeed", "--hostfile", str(hostfile), "--print", "--",
+                             "--config", XL, "--set", "distributed.strategy=zero2")
+    assert code == 0, err
+    cmd = out.split()
+    # nodes and processes default to the hostfile's; the master is its first host, never loopback
+    assert "--master_addr=gpu-a" in cmd and "--num_nodes=4" in cmd and "--num_gpus=8" in cmd
+    assert f"--hostfile={hostfile}" in cmd and not any("127.0.0.1" in c for c in cmd)
+    code, out, _ = _launch(capsys, "launch", "deepspeed", "--hostfile", str(hostfile), "--master-addr", "10.0.0.5",
+                           "--print", "--", "--config", XL)
+    assert code == 0 and "--master_addr=10.0.0.5" in out.split()
+
+
+@pytest.mark.parametrize("text, options, message", [
+    (HOSTFILE, ["--nnodes", "5"], "--nnodes 5: {hostfile} lists 4 host(s)"),
+    (HOSTFILE, ["--nproc-per-node", "16"], "--nproc-per-node 16: {hostfile} gives gpu-a slots=8, gpu-b slots=8"),
+    ("a slots=8\nb slots=4\n", [], "{hostfile}: the hosts have different slots (a slots=8, b slots=4); give "
+                                    "--nproc-per-node"),
+    ("a slots=8\na slots=8\n", [], "{hostfile}:2: a is listed twice"),
+    ("a 8\n", [], "{hostfile}:1: 'a 8' is not a hostfile entry; write 'HOST slots=N'"),
+    ("# nothing\n\n", [], "{hostfile}: no hosts"),
+    # 3 nodes x 8 = 24 ranks cannot share the XL batch of 256
+    (HOSTFILE, ["--nnodes", "3"], "train.global_batch=256 over 24 ranks (3 nodes x 8 processes)"),
+])
+def test_deepspeed_hostfile_is_checked_against_nodes_and_processes(tmp_path, capsys, text, options, message):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    code, out, err = _launch(capsys, "launch", "deepspeed", "--hostfile", str(hostfile), *options, "--print", "--",
+                             "--config", XL)
+    assert code == 2 and out == ""
+    assert err.startswith("pixeldit launch: error: " + message.format(hostfile=hostfile)), err
+
+
+def test_plan_uses_the_first_hosts_of_a_longer_hostfile(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(HOSTFILE)
+    launch = plan("deepspeed", nnodes=2, hostfile=str(hostfile))
+    assert (launch.nnodes, launch.nproc_per_node, launch.master_addr, launch.world) == (2, 8, "gpu-a", 16)
+    assert plan("torchrun").master_addr == "127.0.0.1"
+
+
+# ---------------------------------------------------------------- the SLURM script, run by bash
+
+FAKE_SRUN = """#!/bin/bash
+# srun's own options end where the command begins
+while [[ "$1" == --* ]]; do shift; done
+echo $$ > "$FAKE_SLURM/step.pid"
+exec "$@"
+"""
+# SLURM signals every process of the job's steps (not the batch shell): here, the step's process tree
+FAKE_SCANCEL = """#!/bin/bash
+echo "scancel $*" >> "$FAKE_SLURM/calls"
+exec "$FAKE_PYTHON" -c '
+import os, signal, sys, psutil
+name = [a for a in sys.argv[1:] if a.startswith("--signal=")][0].split("=")[1]
+step = psutil.Process(int(open(os.environ["FAKE_SLURM"] + "/step.pid").read()))
+for p in [step, *step.children(recursive=True)]:
+    p.send_signal(getattr(signal, "SIG" + name))
+' "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$FAKE_SLURM/calls"
+if [ "$1" = show ]; then echo 127.0.0.1; fi
+"""
+# stands in for torchrun: on SIGTERM it "saves" and exits 1, as torchrun does after a stop signal
+FAKE_TORCHRUN = """
+import os, signal, sys, time
+def stop(signum, frame):
+    open(os.environ["FAKE_SLURM"] + "/saved", "w").write("saved")
+    sys.exit(1)
+signal.signal(signal.SIGTERM, stop)
+open(os.environ["FAKE_SLURM"] + "/running", "w").write("")
+time.sleep(float(os.environ.get("FAKE_RUN_S", "60")))
+sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
+"""
+
+
+def _fake_slurm(tmp_path, python_shim: bool):
+    fake = tmp_path / "fake_slurm"
+    (fake / "bin").mkdir(parents=True)
+    for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
+        (fake / "bin" / name).write_text(text)
+        (fake / "bin" / name).chmod(0o755)
+    if python_shim:  # `python -m torch.distributed.run ...` in the script runs the stand-in
+        (fake / "torchrun.py").write_text(FAKE_TORCHRUN)
+        (fake / "bin" / "python").write_text(f'#!/bin/bash\nexec "{sys.executable}" "{fake}/torchrun.py"\n')
+        (fake / "bin" / "python").chmod(0o755)
+    env = dict(os.environ, FAKE_SLURM=str(fake), FAKE_PYTHON=sys.executable, SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="node[0-3]", SLURM_NNODES="1", OMP_NUM_THREADS="1",
+               PATH=os.pathsep.join([str(fake / "bin"), os.path.dirname(sys.executable), os.environ["PATH"]]))
+    return fake, env
+
+
+def _wait_for(path, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, f"the job script ended before {path} appeared: {process.communicate()[0]}"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.1)
+
+
+def _calls(fake):
+    return (fake / "calls").read_text().splitlines() if (fake / "calls").exists() else []
+
+
+@pytest.mark.parametrize("signal_to_shell", ["USR1", "TERM"])
+def test_slurm_script_stops_saves_and_requeues(tmp_path, signal_to_shell):
+    fake, env = _fake_slurm(tmp_path, python_shim=True)
+    script = tmp_path / "job.sbatch"
+    script.write_text(slurm_script(Launch(nnodes=1, nproc_per_node=1, train_args=["--config", XL])))
+    job = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    try:
+        _wait_for(fake / "running", job)
+        if signal_to_shell == "USR1":  # the time-limit warning, to the batch shell only
+            job.send_signal(signal.SIGUSR1)
+        else:  # preemption or scancel: SLURM signals the step and the batch shell
+            os.kill(int((fake / "step.pid").read_text()), signal.SIGTERM)
+            job.send_signal(signal.SIGTERM)
+        out = job.communicate(timeout=60)[0]
+    finally:
+        job.kill()
+    assert (fake / "saved").exists(), out
+    assert job.returncode == 0, out  # torchrun's exit 1 after the stop is not a failure of the job
+    calls = _calls(fake)
+    if signal_to_shell == "USR1":
+        # the step, not srun, got the TERM (srun would SIGKILL its tasks), then the job requeued itself
+        assert calls[1:] == ["scancel --signal=TERM 4242", "scontrol requeue 4242"], calls
+        assert "requeueing job 4242" in out
+    else:
+        assert not any("requeue" in c for c in calls), calls  # SLURM requeues a preempted job itself
+        assert "terminated (preemption or scancel" in out
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_slurm_script_passes_on_the_status_of_a_run_that_was_not_stopped(tmp_path, code):
+    fake, env = _fake_slurm(tmp_path, python_shim=True)
+    script = tmp_path / "job.sbatch"
+    script.write_text(slurm_script(Launch(nnodes=1, nproc_per_node=1)))
+    env.update(FAKE_RUN_S="0.2", FAKE_EXIT=str(code))
+    job = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert job.returncode == code, job.stdout + job.stderr
+    assert not any("requeue" in c or "scancel" in c for c in _calls(fake))
+
+
+def _checkpoints(run):
+    root = os.path.join(run, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp"))
+    return {int(n[5:]): json.load(open(os.path.join(root, n, "meta.json")))["saved_at"] for n in names
+            if os.path.exists(os.path.join(root, n, "meta.json"))}
+
+
+def _latest(run):
+    path = os.path.join(run, "checkpoints", "latest")
+    return int(open(path).read().strip()[5:]) if os.path.exists(path) else None
+
+
+def test_slurm_job_saves_at_the_time_limit_requeues_and_resumes(tmp_path, synthetic_shards):
+    """The real trainer under real torchrun: the time-limit warning makes it save and the job requeue
+    itself; the requeued start of the same script resumes from that checkpoint instead of starting over."""
+    fake, env = _fake_slurm(tmp_path, python_shim=False)
+    run = str(tmp_path / "run")
+    args = _train_args(run, synthetic_shards)
+    args[args.index("train.steps=2")] = "train.steps=100000"
+    args[args.index("distributed.strategy=fsdp")] = "distributed.strategy=ddp"
+    args += ["--set", "checkpoint.every_steps=1", "--set", "checkpoint.keep_last=1000"]
+    script = tmp_path / "job.sbatch"
+    script.write_text(slurm_script(Launch(nnodes=1, nproc_per_node=1, master_port=free_port(), train_args=args)))
+    stopped_at = []
+    for start in range(2):
+        before = _latest(run)
+        job = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while _latest(run) == before:  # training runs (a new checkpoint) before the warning comes
+                assert job.poll() is None, job.communicate()[0][-3000:]
+                assert time.monotonic() < deadline, "no checkpoint within 180 s"
+                time.sleep(0.2)
+            job.send_signal(signal.SIGUSR1)
+            out = job.communicate(timeout=180)[0]
+        finally:
+            job.kill()
+        assert job.returncode == 0, out[-3000:]
+        assert _calls(fake)[-1] == "scontrol requeue 4242", out[-3000:]
+        stopped_at.append((_latest(run), _checkpoints(run)))
+    (first, saved_first), (second, saved_second) = stopped_at
+    assert second > first
+    # the requeued start went on from the first start's last checkpoint: nothing up to it was redone
+    assert {step: saved_second[step] for step in saved_first} == saved_first
