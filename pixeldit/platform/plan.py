@@ -1,0 +1,486 @@
+"""`pixeldit plan`: what a training run will cost, from the config alone, before renting GPUs.
+
+Everything here is arithmetic on the config, the model's parameter shapes (built on the meta
+device, so XL costs nothing) and a few stated assumptions (GPU kind, MFU, storage bandwidth).
+Three kinds of figures, kept apart so each can be checked on its own:
+
+- state bytes per rank (parameters, gradients, AdamW moments, fp32 masters, EMA fragments):
+  exact, following each strategy's own layout and padding rules (FSDP2's dim-0 row chunks,
+  DeepSpeed's flat buffer aligned to 2 x world for ZeRO-1/2, per-parameter ceil(numel / world)
+  partitions and resident small parameters for ZeRO-3); tests/test_plan.py counts them on live
+  strategy objects and asserts equality;
+- activations: the tensors autograd saves for backward, counted per block from the model's code
+  (docs/planning.md lists the terms), checked against saved-tensor hooks;
+- transient buffers (all-gathered bf16 blocks, reduce buckets, the recomputed block under
+  activation checkpointing): the largest thing alive at once, an estimate stated as such.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from ..models.flops import forward_flops, training_flops
+from ..models.layers import swiglu_hidden
+from .strategies import STRATEGIES
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class GPUKind:
+    name: str
+    bf16_tflops: float      # peak dense bf16 tensor-core TFLOP/s (no sparsity)
+    memory_gb: float        # HBM, decimal GB as on the datasheet
+    interconnect_gbps: float  # GPU-to-GPU bandwidth per GPU (NVLink), GB/s, all links together
+
+
+# NVIDIA datasheet figures, SXM parts (docs/planning.md)
+GPU_KINDS = {
+    "a100-40gb": GPUKind("a100-40gb", 312.0, 40.0, 600.0),
+    "a100-80gb": GPUKind("a100-80gb", 312.0, 80.0, 600.0),
+    "h100": GPUKind("h100", 989.0, 80.0, 900.0),
+    "h200": GPUKind("h200", 989.0, 141.0, 900.0),
+    "b200": GPUKind("b200", 2250.0, 180.0, 1800.0),
+}
+GPU_ALIASES = {"a100": "a100-80gb"}
+
+# Assumptions, each printed with the plan (docs/planning.md says why these values)
+DEFAULT_MFU = 0.40
+USABLE_MEMORY_FRACTION = 0.90      # CUDA context, NCCL buffers and allocator fragmentation take the rest
+DEFAULT_STORAGE_GBPS = 1.0         # checkpoint writes to object storage, per job (GB/s)
+ASSUMED_JPEG_BYTES_256 = 110_000   # a 256x256 ADM-cropped ImageNet JPEG at quality 95, when no manifest is read
+LOADER_BATCHES_IN_FLIGHT = 4       # decoded uint8 batches a rank's loader keeps ready (pinned + device)
+DDP_BUCKET_FACTOR = 1              # DDP's reducer keeps one fp32 copy of all gradients in its buckets
+DS_REDUCE_BUCKET = 500_000_000     # DeepSpeed's default reduce_bucket_size (elements)
+DS_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold (elements)
+DINO_PATCH = 14
+
+
+# ---------------------------------------------------------------- parameter shapes
+
+
+def parameter_shapes(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every trained parameter in TrainModule order (model, then projector)."""
+    import torch
+
+    from ..models import build_model, build_projector
+
+    arch = cfg.model.arch()
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, **cfg.model.overrides())
+        shapes = [(f"model.{n}", tuple(p.shape)) for n, p in model.named_parameters()]
+        if cfg.repa.mode != "off":
+            projector = build_projector(arch.hidden_size, cfg.repa.encoder_dim)
+            shapes += [(f"projector.{n}", tuple(p.shape)) for n, p in projector.named_parameters()]
+    return shapes
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def _fsdp_rows(shape, world: int, rank: int) -> tuple[int, int]:
+    """(rows this rank holds, rows of its padded chunk): FSDP2 shards dim 0 in ceil(d0 / world) chunks."""
+    d0 = shape[0] if shape else 1
+    chunk = -(-d0 // world)
+    return max(0, min(d0, (rank + 1) * chunk) - rank * chunk), chunk
+
+
+def _zero3_partition(numel: int, world: int, rank: int) -> tuple[int, int]:
+    """(real elements this rank holds, its partition size): ceil(numel / world) per rank, padded."""
+    part = -(-numel // world)
+    return max(0, min(numel - rank * part, part)), part
+
+
+# ---------------------------------------------------------------- state per rank
+
+
+def state_bytes(shapes, strategy: str, world: int, rank: int, bf16: bool) -> dict[str, int]:
+    """Persistent bytes this rank holds between steps (plus gradients, alive from backward to step).
+
+    Keys: params (the weights the forward reads, in their resident dtype), masters (a separate
+    fp32 copy, ZeRO only), grads, moments (AdamW exp_avg + exp_avg_sq), ema (fp32 fragments).
+    """
+    numels = [_numel(s) for _, s in shapes]
+    n = sum(numels)
+    low = 2 if bf16 else 4  # DeepSpeed keeps its model weights in the training dtype
+    if strategy == "ddp":
+        # fp32 parameters, autocast casts per forward; every rank holds everything
+        return {"params": 4 * n, "masters": 0, "grads": 4 * n, "moments": 8 * n, "ema": 4 * n}
+    if strategy == "fsdp":
+        held = padded = 0
+        for _, shape in shapes:
+            rows, chunk = _fsdp_rows(shape, world, rank)
+            row = _numel(shape[1:]) if len(shape) > 1 else 1
+            held += rows * row
+            padded += chunk * row
+        # sharded fp32 masters are the parameters; their storage is the padded chunk
+        # gradients land in the padded reduce-scatter output; moments and EMA follow the unpadded rows
+        return {"params": 4 * padded, "masters": 0, "grads": 4 * padded, "moments": 8 * held, "ema": 4 * held}
+    if strategy in ("zero1", "zero2"):
+        # one flat buffer of all weights, aligned to 2 x world elements, split evenly
+        alignment = 2 * world
+        flat = -(-n // alignment) * alignment
+        part = flat // world
+        start, end = rank * part, (rank + 1) * part
+        real = max(0, min(end, n) - start)  # the padding sits at the end of the last partition
+        grads = (part if strategy == "zero2" else n) * low
+        return {"params": flat * low, "masters": 4 * part, "grads": grads, "moments": 8 * part, "ema": 4 * real}
+    if strategy == "zero3":
+        part = real = resident = 0
+        for numel in numels:
+            r, p = _zero3_partition(numel, world, rank)
+            real, part = real + r, part + p
+            if numel <= DS_PERSISTENCE_THRESHOLD and world > 1:
+                resident += p * world  # small parameters stay gathered (in a padded buffer) between steps;
+                # with one rank the gathered parameter is its partition
+        return {"params": (part + resident) * low, "masters": 4 * part, "grads": part * low, "moments": 8 * part,
+                "ema": 4 * real}
+    raise ConfigError(f"distributed.strategy={strategy!r}: expected one of {STRATEGIES}")
+
+
+def _block_numels(shapes) -> list[int]:
+    blocks: dict[str, int] = {}
+    for name, shape in shapes:
+        parts = name.split(".")
+        if parts[1] in ("patch_blocks", "pixel_blocks"):
+            key = ".".join(parts[:3])
+            blocks[key] = blocks.get(key, 0) + _numel(shape)
+    return list(blocks.values()) or [0]
+
+
+def transient_bytes(shapes, strategy: str, world: int, bf16: bool) -> dict[str, int]:
+    """The largest buffers a strategy allocates inside a step (estimates; docs/planning.md)."""
+    n = sum(_numel(s) for _, s in shapes)
+    largest = max(_block_numels(shapes))
+    non_block = n - sum(_block_numels(shapes))
+    low = 2 if bf16 else 4
+    if strategy == "ddp":
+        return {"gradient buckets": 4 * n * DDP_BUCKET_FACTOR if world > 1 else 0}
+    if strategy == "fsdp":
+        # the root's parameters plus the current and the prefetched block, gathered in the compute dtype;
+        # one block's unsharded fp32 gradients before the reduce-scatter
+        return {"gathered params": low * (non_block + 2 * largest) if world > 1 else 0,
+                "unsharded grads": 4 * largest if world > 1 else 0}
+    if strategy in ("zero1", "zero2"):
+        return {"reduce bucket": low * min(DS_REDUCE_BUCKET, n)}
+    return {"gathered params": low * min(n, 2 * largest + non_block), "reduce bucket": low * min(DS_REDUCE_BUCKET, n)}
+
+
+# ---------------------------------------------------------------- activations
+
+
+@dataclass
+class Activations:
+    """Elements autograd keeps per image, by where they come from (fp32 count: 4 bytes each)."""
+
+    base: float          # embedders, conditioning, final layer (outside the blocks)
+    patch_block: float
+    pit_block: float
+    patch_input: float   # one patch block's input (what a checkpointed block keeps)
+    pit_input: float
+    projector: float
+    shared_inputs: float  # block inputs every checkpointed block shares (s_cond of the PiT blocks)
+
+
+def activation_terms(arch, height: int, width: int, repa: bool, encoder_dim: int) -> Activations:
+    """Saved-for-backward elements per image, term by term from the model's forward (docs/planning.md)."""
+    p, D, C = arch.patch_size, arch.hidden_size, arch.in_channels
+    L = (height // p) * (width // p)
+    P = height * width
+    h = arch.num_heads
+    F = swiglu_hidden(D)
+    # patch block: 2 x (RMSNorm input, normed, weighted, modulated: 4LD + rsqrt L + (1 + scale) D);
+    # attention: qkv 3LD, q/k normed 2LD, rotated q/k 2LD, SDPA output LD + its log-sum-exp hL, the
+    # heads-merged projection input LD, q/k rsqrt 2hL; the attention and MLP outputs (gated) 2LD;
+    # SwiGLU w1, w3, silu and product 4LF; the AdaLN output 6D (chunks are views)
+    norm_mod = 4 * L * D + L + D
+    attention = 9 * L * D + 3 * h * L
+    patch_block = 2 * norm_mod + attention + 2 * L * D + 4 * L * F + 6 * D
+    base = 256 + 4 * D + L * C * p * p  # timestep features, embedder MLP, conditioning, unfolded patches
+    if arch.variant == "dit":
+        base += 3 * L * D + L  # final RMSNorm: input, normed, weighted (the head's input), rsqrt
+        pit_block = pit_input = shared = 0.0
+    else:
+        d, p2 = arch.pixel_hidden_size, p * p
+        n_chunks = 4 if arch.post_modulation else 6
+        mod = L * n_chunks * d * (p2 if arch.pixel_adaln == "pixel" else 1)
+        # PiT block: AdaLN output; 2 x (RMSNorm input, normed, 1 + scale, weighted, modulated: 5Pd + rsqrt P);
+        # compaction output (attention input) LD + attention 9LD + 3hL + expansion input LD; gated
+        # attention and MLP outputs 2Pd; the pixel MLP's hidden 4Pd before and after GELU
+        pit_block = mod + 2 * (5 * P * d + P) + 11 * L * D + 3 * h * L + 2 * P * d + 8 * P * d
+        # pixel embedder input PC, s_cond before and after SiLU 2LD, final RMSNorm 3Pd + P
+        base += P * C + 2 * L * D + 3 * P * d + P
+        pit_input, shared = P * d, L * D
+    projector = 0.0
+    if repa:
+        # Linear, SiLU, Linear, SiLU, Linear on L tokens of width D: each SiLU keeps its input and
+        # the next Linear its output
+        projector = 4 * L * D
+    return Activations(base=base, patch_block=patch_block, pit_block=pit_block, patch_input=L * D,
+                       pit_input=pit_input, projector=projector, shared_inputs=shared)
+
+
+def saved_activation_elements(terms: Activations, arch, checkpointing: str) -> float:
+    """Elements kept from forward to backward per image under `train.activation_checkpointing`."""
+    blocks = [terms.patch_block] * arch.patch_depth + [terms.pit_block] * (
+        arch.pixel_depth if arch.variant == "pixeldit" else 0)
+    inputs = [terms.patch_input] * arch.patch_depth + [terms.pit_input] * (
+        arch.pixel_depth if arch.variant == "pixeldit" else 0)
+    total = terms.base + terms.projector
+    checkpointed = 0
+    for i, (full, kept) in enumerate(zip(blocks, inputs)):
+        recompute = checkpointing == "every" or (checkpointing == "selective" and i % 2 == 0)
+        total += kept if recompute else full
+        checkpointed += recompute
+    if checkpointed and terms.pit_block:
+        total += terms.shared_inputs  # s_cond, held by the checkpointed PiT blocks, not by any op
+    return total
+
+
+def recompute_elements(terms: Activations, arch, checkpointing: str) -> float:
+    """Extra elements alive during backward: the one block being recomputed."""
+    if checkpointing == "none":
+        return 0.0
+    return max(terms.patch_block, terms.pit_block)
+
+
+def activation_bytes_per_image(arch, height, width, repa, encoder_dim, checkpointing, bf16) -> dict[str, float]:
+    terms = activation_terms(arch, height, width, repa, encoder_dim)
+    # bf16 (autocast or bf16 weights): matmul inputs and outputs are 2 bytes, RMSNorm statistics and
+    # its fp32 path 4; measured on the tiny model, saved bytes per element average ~2.4 -> 2.5 stated
+    per_element = 2.5 if bf16 else 4.0
+    saved = saved_activation_elements(terms, arch, checkpointing)
+    return {"saved": saved * per_element, "recompute": recompute_elements(terms, arch, checkpointing) * per_element,
+            "elements": saved}
+
+
+# ---------------------------------------------------------------- DINOv2 (online REPA)
+
+
+DINO_SIZES = {"dinov2_vits14": (384, 12), "dinov2_vitb14": (768, 12), "dinov2_vitl14": (1024, 24),
+              "dinov2_vitg14": (1536, 40)}
+
+
+def dino_figures(encoder: str, image_size: int) -> dict[str, float]:
+    """Parameters and forward FLOPs per image of the frozen DINOv2 ViT at 14·S/16 px."""
+    base = encoder.split("/")[-1].split(".")[0].replace("_pretrain", "")
+    dim, depth = DINO_SIZES.get(base, DINO_SIZES["dinov2_vitb14"])
+    grid = image_size // 16
+    tokens = grid * grid + 1
+    per_layer = 12 * dim * dim + 13 * dim
+    params = depth * per_layer + 3 * DINO_PATCH * DINO_PATCH * dim + dim + tokens * dim + 2 * dim
+    flops = depth * (2 * tokens * 12 * dim * dim + 4 * tokens * tokens * dim) + 2 * tokens * 3 * DINO_PATCH ** 2 * dim
+    return {"params": float(params), "flops": float(flops), "tokens": float(grid * grid), "dim": float(dim)}
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class PlanInputs:
+    gpus: int
+    gpu: GPUKind
+    mfu: float = DEFAULT_MFU
+    price_per_gpu_hour: float | None = None
+    storage_gbps: float = DEFAULT_STORAGE_GBPS
+
+
+def resolve_gpu(name: str | None, tflops: float | None, memory_gb: float | None) -> GPUKind:
+    if name:
+        key = GPU_ALIASES.get(name.lower(), name.lower())
+        if key not in GPU_KINDS:
+            raise ConfigError(f"--gpu {name}: unknown GPU kind; known: {', '.join(sorted(GPU_KINDS))} "
+                              f"(or give --tflops and --memory-gb)")
+        kind = GPU_KINDS[key]
+        return dataclasses.replace(kind, bf16_tflops=tflops or kind.bf16_tflops,
+                                   memory_gb=memory_gb or kind.memory_gb)
+    if not (tflops and memory_gb):
+        raise ConfigError("pixeldit plan: name a GPU with --gpu (e.g. --gpu h200) or give both --tflops and --memory-gb")
+    return GPUKind("custom", tflops, memory_gb, 0.0)
+
+
+def manifest_image_bytes(cfg) -> tuple[float, str]:
+    """Mean bytes per stored image from data.source's manifest, else the stated assumption."""
+    from ..data_pipelines.manifest import load_manifest
+    from ..errors import PixelDiTError
+
+    source = cfg.data.source
+    if source and source != "synthetic":
+        try:
+            manifest = load_manifest(source, {"endpoint_url": cfg.data.endpoint_url} if cfg.data.endpoint_url else {})
+        except (PixelDiTError, OSError) as e:  # no manifest reachable from here: the plan says what it assumed
+            reason = str(e).splitlines()[0][:120]
+        else:
+            count = sum(s.count for s in manifest.shards)
+            if count:
+                return sum(s.bytes for s in manifest.shards) / count, f"manifest at {source} ({count} samples)"
+            reason = "the manifest lists no samples"
+    else:
+        reason = "synthetic data"
+    scaled = ASSUMED_JPEG_BYTES_256 * (cfg.data.image_size / 256) ** 2
+    return scaled, f"assumed {scaled / 1e3:.0f} kB per JPEG ({reason})"
+
+
+def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
+    arch = cfg.model.arch()
+    size = cfg.data.image_size
+    bf16 = cfg.distributed.precision == "bf16"
+    repa = cfg.repa.mode != "off"
+    shapes = parameter_shapes(cfg)
+    n_params = sum(_numel(s) for _, s in shapes)
+    flops_image = training_flops(arch, size, size)
+    gpu = inputs.gpu
+    usable = gpu.memory_gb * GB * USABLE_MEMORY_FRACTION
+    world = inputs.gpus
+    if cfg.train.global_batch % world:
+        raise ConfigError(f"--gpus {world}: train.global_batch={cfg.train.global_batch} is not divisible by it; "
+                          f"use a divisor of {cfg.train.global_batch} GPUs")
+    per_rank = cfg.train.global_batch // world
+
+    dino = dino_figures(cfg.repa.encoder, size) if cfg.repa.mode == "online" else None
+    # the encoder runs in bf16 on GPUs, under no_grad: its weights plus one layer's activations
+    encoder_bytes = 0.0
+    if dino:
+        encoder_bytes = 2 * dino["params"]
+    loader_per_image = 3 * size * size  # decoded uint8 RGB
+    if cfg.repa.mode == "cached":
+        loader_per_image += 4 * (size // arch.patch_size) ** 2 * cfg.repa.encoder_dim  # fp32 targets
+    image_bytes, image_bytes_source = manifest_image_bytes(cfg)
+
+    step_flops = flops_image * cfg.train.global_batch
+    if dino:
+        step_flops_dino = dino["flops"] * cfg.train.global_batch
+    else:
+        step_flops_dino = 0.0
+    step_s = (step_flops + step_flops_dino) / (world * gpu.bf16_tflops * 1e12 * inputs.mfu)
+    img_s = cfg.train.global_batch / step_s
+    total_s = step_s * cfg.train.steps
+    gpu_hours = total_s * world / 3600
+
+    per_strategy = {}
+    for name in strategies:
+        state = {}
+        for rank in range(min(world, 2)):  # rank 0 holds the largest chunk everywhere
+            counts = state_bytes(shapes, name, world, rank, bf16)
+            state = counts if not state or sum(counts.values()) > sum(state.values()) else state
+        transient = transient_bytes(shapes, name, world, bf16)
+        if name == "ddp" and bf16:
+            transient["autocast weight copies"] = 2 * n_params  # bf16 casts kept for backward
+        fixed = sum(state.values()) + sum(transient.values()) + encoder_bytes
+        modes = {}
+        for mode in ("none", "every"):
+            act = activation_bytes_per_image(arch, size, size, repa, cfg.repa.encoder_dim, mode, bf16)
+            per_image = act["saved"] + LOADER_BATCHES_IN_FLIGHT * loader_per_image
+            room = usable - fixed - act["recompute"]
+            fits = max(0, int(room // per_image)) if room > 0 else 0
+            micro = max((d for d in range(1, min(fits, per_rank) + 1) if per_rank % d == 0), default=0)
+            modes[mode] = {"activation_bytes_per_image": act["saved"], "recompute_bytes": act["recompute"],
+                           "max_micro_batch_memory": fits, "micro_batch": micro,
+                           "accumulation": per_rank // micro if micro else None}
+        per_strategy[name] = {"state": state, "transient": transient, "encoder_bytes": encoder_bytes,
+                              "loader_bytes_per_image": LOADER_BATCHES_IN_FLIGHT * loader_per_image,
+                              "fixed_bytes": fixed, "activation_checkpointing": modes}
+
+    checkpoint_bytes = _checkpoint_bytes(n_params, bf16)
+    features_bytes = 2 * (size // arch.patch_size) ** 2 * cfg.repa.encoder_dim  # the cache stores bf16
+    repa_info = {"mode": cfg.repa.mode}
+    dino_any = dino_figures(cfg.repa.encoder, size)
+    encoder_s_per_image = dino_any["flops"] / (gpu.bf16_tflops * 1e12 * inputs.mfu)
+    repa_info.update({
+        "cache_bytes_per_image": features_bytes,
+        "cache_bandwidth_bytes_s": features_bytes * img_s,
+        "online_encoder_flops_per_image": dino_any["flops"],
+        "online_encoder_gpu_fraction": dino_any["flops"] / (flops_image + dino_any["flops"]),
+        "online_encoder_gpu_hours": encoder_s_per_image * cfg.train.global_batch * cfg.train.steps / 3600,
+    })
+    epoch_images = None
+    return {
+        "config": {"model": cfg.model.name, "image_size": size, "precision": cfg.distributed.precision,
+                   "global_batch": cfg.train.global_batch, "steps": cfg.train.steps,
+                   "configured_strategy": cfg.distributed.strategy, "configured_micro_batch": cfg.train.micro_batch,
+                   "repa": cfg.repa.mode, "parameters": n_params},
+        "gpu": dataclasses.asdict(gpu), "gpus": world,
+        "assumptions": {"mfu": inputs.mfu, "usable_memory_fraction": USABLE_MEMORY_FRACTION,
+                        "storage_gbps": inputs.storage_gbps, "bytes_per_image_source": image_bytes_source,
+                        "loader_batches_in_flight": LOADER_BATCHES_IN_FLIGHT,
+                        "price_per_gpu_hour": inputs.price_per_gpu_hour},
+        "flops": {"training_per_image": flops_image, "forward_per_image": forward_flops(arch, size, size)["total"],
+                  "per_step": step_flops + step_flops_dino},
+        "time": {"step_s": step_s, "images_per_s": img_s, "total_s": total_s, "total_days": total_s / 86400,
+                 "gpu_hours": gpu_hours,
+                 "cost": gpu_hours * inputs.price_per_gpu_hour if inputs.price_per_gpu_hour is not None else None},
+        "checkpoint": {"bytes": checkpoint_bytes, "save_s": checkpoint_bytes / (inputs.storage_gbps * GB),
+                       "every_steps": cfg.checkpoint.every_steps,
+                       "saves": cfg.train.steps // cfg.checkpoint.every_steps if cfg.checkpoint.every_steps else 0},
+        "data": {"bytes_per_image": image_bytes, "bandwidth_bytes_s": image_bytes * img_s,
+                 "images_per_s_per_gpu": img_s / world, "epoch_images": epoch_images},
+        "repa": repa_info,
+        "strategies": per_strategy,
+    }
+
+
+def _checkpoint_bytes(n_params: int, bf16: bool) -> int:
+    """engine (fp32 weights + 2 AdamW moments; DeepSpeed also its bf16 weights, counted too) + EMA fp32."""
+    return int(n_params * (4 + 8 + 4 + (2 if bf16 else 0)))
+
+
+# ---------------------------------------------------------------- text
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:7.2f}"
+
+
+def format_plan(plan: dict) -> str:
+    c, g, a, t = plan["config"], plan["gpu"], plan["assumptions"], plan["time"]
+    lines = [
+        f"plan      {c['model']} ({c['parameters'] / 1e6:.2f}M trained parameters) at {c['image_size']}px, "
+        f"{c['precision']}, global batch {c['global_batch']}, {c['steps']} steps, REPA {c['repa']}",
+        f"hardware  {plan['gpus']} x {g['name']}: {g['bf16_tflops']:.0f} TFLOP/s bf16 dense, {g['memory_gb']:.0f} GB "
+        f"({a['usable_memory_fraction']:.0%} usable), interconnect {g['interconnect_gbps']:.0f} GB/s",
+        f"assumed   MFU {a['mfu']:.0%}; storage {a['storage_gbps']:.2f} GB/s; "
+        f"loader keeps {a['loader_batches_in_flight']} decoded batches per rank",
+        "",
+        f"{'memory per rank (GB)':<28}" + "".join(f"{s:>9}" for s in plan["strategies"]),
+    ]
+    strategies = plan["strategies"]
+
+    def row(label, fn):
+        lines.append(f"{label:<28}" + "".join(f"{fn(v):>9}" for v in strategies.values()))
+
+    for key, label in (("params", "parameters"), ("masters", "fp32 master partition"), ("grads", "gradients"),
+                       ("moments", "AdamW moments"), ("ema", "EMA fragments (fp32)")):
+        row(f"  {label}", lambda v, k=key: _gb(v["state"][k]).strip())
+    row("  transient buffers", lambda v: _gb(sum(v["transient"].values())).strip())
+    row("  DINOv2 encoder", lambda v: _gb(v["encoder_bytes"]).strip())
+    row("  loader / image", lambda v: f"{v['loader_bytes_per_image'] / 1e6:.2f}M")
+    row("  fixed total", lambda v: _gb(v["fixed_bytes"]).strip())
+    for mode, label in (("none", "no activation checkpointing"), ("every", "checkpointing every block")):
+        lines.append(f"{label}")
+        row("  activations / image", lambda v, m=mode: _gb(v["activation_checkpointing"][m]
+                                                            ["activation_bytes_per_image"]).strip())
+        row("  largest micro batch", lambda v, m=mode: str(v["activation_checkpointing"][m]["max_micro_batch_memory"]))
+        row("  micro x accumulation", lambda v, m=mode: (
+            f"{v['activation_checkpointing'][m]['micro_batch']}x{v['activation_checkpointing'][m]['accumulation']}"
+            if v["activation_checkpointing"][m]["micro_batch"] else "no fit"))
+    f, ck, d, r = plan["flops"], plan["checkpoint"], plan["data"], plan["repa"]
+    cost = f", ${t['cost']:,.0f} at ${a['price_per_gpu_hour']}/GPU-h" if t["cost"] is not None else \
+        " (give --price-per-gpu-hour for the cost)"
+    lines += [
+        "",
+        f"compute   {f['training_per_image'] / 1e9:.1f} GFLOPs/image for training (3x forward, as `pixeldit info`)",
+        f"speed     {t['step_s']:.3f} s/step, {t['images_per_s']:.0f} img/s at MFU {a['mfu']:.0%}",
+        f"run       {t['total_days']:.1f} days, {t['gpu_hours']:,.0f} GPU-hours{cost}",
+        f"ckpt      {ck['bytes'] / GB:.1f} GB each (engine + EMA), {ck['save_s']:.0f} s at {a['storage_gbps']} GB/s; "
+        f"{ck['saves']} saves every {ck['every_steps']} steps",
+        f"data      {d['bandwidth_bytes_s'] / 1e6:.0f} MB/s to sustain ({d['bytes_per_image'] / 1e3:.0f} kB/image: "
+        f"{a['bytes_per_image_source']}), {d['images_per_s_per_gpu']:.0f} img/s per GPU to decode",
+        f"REPA      cache {r['cache_bytes_per_image'] / 1e3:.0f} kB/image, {r['cache_bandwidth_bytes_s'] / 1e6:.0f} MB/s; "
+        f"online DINOv2 would cost {r['online_encoder_gpu_fraction']:.1%} of the GPU time "
+        f"({r['online_encoder_gpu_hours']:,.0f} GPU-hours); configured: {r['mode']}",
+    ]
+    return "\n".join(lines)
