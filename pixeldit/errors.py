@@ -43,3 +43,6 @@ class WeightsError(PixelDiTError, ValueError, KeyError):
 class LaunchError(PixelDiTError, ValueError):
     """A launch layout (nodes, processes, hostfile, batch) that cannot work."""
 
+
+class TrainingDiverged(PixelDiTError, RuntimeError):
+    """Training stopped by its non-finite guard: the last checkpoint is intact; the message says what to change."""

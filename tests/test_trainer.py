@@ -1,5 +1,6 @@
 """The training loop in one process: logging read back, schedules, guards, accumulation, AC, export."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -165,6 +166,170 @@ def test_sigterm_saves_at_the_step_boundary_and_exits(synthetic_shards, tmp_path
     assert "stop requested (SIGTERM)" in out
     trainer = Trainer(config(synthetic_shards, 10_000), run)
     assert trainer.resume() and 0 < trainer.state.step < 1000
+
+
+def test_console_banner_and_window_mean_lines(synthetic_shards, tmp_path, caplog):
+    import re
+    import warnings
+
+    caplog.set_level(logging.INFO, logger="pixeldit.train")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning reaches `caught` unless the trainer filters it
+        trainer = Trainer(config(synthetic_shards, 6, "train.micro_batch=2", "logging.every_steps=3"), str(tmp_path))
+        state = trainer.fit()
+    banner = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("PixelDiT training:"))
+    model = trainer.strategy.module.model
+    assert banner.startswith("PixelDiT training: new run, 6 steps")
+    assert f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters" in banner
+    assert f"{synthetic_shards}: 230 samples in 6 shards, 16px" in banner
+    assert "1 process on cpu, strategy ddp, fp32" in banner
+    assert trainer.layout.describe() in banner and trainer.layout.accumulation == 4
+    assert f"run dir     {tmp_path} (trackers: tensorboard)" in banner
+
+    lines = [r.getMessage() for r in caplog.records if re.match(r"step \d+/6 ", r.getMessage())]
+    assert [line.split()[1] for line in lines] == ["3/6", "6/6"]
+    history = list(state.history)
+    for line, window in zip(lines, (history[:3], history[3:])):
+        assert f"loss {sum(window) / 3:.4f} (mean of 3)" in line
+        assert re.search(r"elapsed \d+:\d\d:\d\d  eta \d+:\d\d:\d\d$", line), line
+    assert lines[-1].endswith("eta 0:00:00")
+    acc = scalars(str(tmp_path))
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([sum(history[:3]) / 3,
+                                                                         sum(history[3:]) / 3], rel=1e-6)
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
+
+    caplog.clear()
+    Trainer(config(synthetic_shards, 7, "train.micro_batch=2"), str(tmp_path)).fit()
+    assert any(r.getMessage().startswith("PixelDiT training: resumed from step 6, 7 steps") for r in caplog.records)
+
+
+def _train_command(run_dir, data, *overrides):
+    """`pixeldit train` with config()'s settings, so an in-process Trainer can resume its run."""
+    settings = [f"data.source={data}", "data.image_size=16", "model.patch_size=4", "train.global_batch=8",
+                "train.micro_batch=8", "ema.warmup=true", "logging.tensorboard=false", *overrides]
+    return [sys.executable, "-m", "pixeldit", "train", "--run-dir", run_dir,
+            *[a for item in settings for a in ("--set", item)]]
+
+
+def _render_terminal(raw: str) -> list[str]:
+    """The lines a terminal would show for this output: \r returns to column 0 and later text
+    overwrites earlier text; ESC[A moves up a line, ESC[K clears to the line end."""
+    import re
+    screen, row, col = {}, 0, 0
+    for token in re.findall(r"\x1b\[\d*[A-Za-z]|\r|\n|[^\x1b\r\n]", raw):
+        line = screen.setdefault(row, [])
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+        elif token.startswith("\x1b"):
+            if token.endswith("A"):
+                row = max(0, row - int(token[2:-1] or 1))
+            elif token.endswith("K"):
+                del line[col:]
+        else:
+            line.extend(" " * (col + 1 - len(line)))
+            line[col] = token
+            col += 1
+    return ["".join(screen[r]).rstrip() for r in sorted(screen)]
+
+
+def test_ctrl_c_saves_at_the_step_boundary_exits_0_and_the_run_resumes(synthetic_shards, tmp_path, caplog):
+    """A first Ctrl-C, delivered as a terminal does (SIGINT to the process group), on a terminal (a pty):
+    the progress bar and the log lines share it without writing over each other."""
+    import fcntl
+    import pty
+    import re
+    import select
+    import struct
+    import termios
+
+    run = str(tmp_path / "run")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(_train_command(run, synthetic_shards, "train.steps=10000", "checkpoint.every_steps=1000",
+                                           "logging.every_steps=3"),
+                            env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    raw, interrupted_at = b"", None
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                raw += chunk
+            if interrupted_at is None and b" step 6/10000 " in raw:
+                os.killpg(proc.pid, signal.SIGINT)
+                interrupted_at = time.time()
+            if proc.poll() is not None and not ready:
+                break
+        proc.wait(timeout=max(1, deadline - time.time()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    out = raw.decode(errors="replace")
+    assert interrupted_at is not None, f"no log line for step 6 within the deadline:\n{out[-3000:]}"
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    saved = int(re.search(r"stop requested \(SIGINT\): saved step (\d+) and exiting", out).group(1))
+    assert f"stopped at step {saved} of 10000 on request (SIGINT)" in out
+    assert 6 <= saved < 1000  # past the last log line, before any periodic checkpoint
+    checkpoints = os.path.join(run, "checkpoints")
+    assert sorted(os.listdir(checkpoints)) == ["latest", f"step_{saved:08d}"]
+
+    lines = _render_terminal(out)
+    assert any(re.match(r"train: +\d+%\|", line) for line in lines), "no progress bar on the terminal"
+    logged = [line for line in lines if "pixeldit.train INFO step " in line]
+    assert len(logged) >= 2
+    for line in logged:
+        # each log line alone on its screen line: neither bar remnants in front nor behind
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d [\d:,]+ pixeldit\.train INFO step \d+/10000  loss [\d.]+ \(mean of 3\)"
+                            r"  .*  elapsed \d+:\d\d:\d\d  eta [\dd :]+", line), line
+
+    caplog.set_level(logging.INFO, logger="pixeldit.train")
+    resumed = Trainer(config(synthetic_shards, saved + 1, "logging.tensorboard=false"), run)
+    assert resumed.fit().step == saved + 1
+    assert f"PixelDiT training: resumed from step {saved}," in caplog.text
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_saving(synthetic_shards, tmp_path):
+    run = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # 8 micro-batches a step: the second Ctrl-C lands well inside the step the first one interrupted
+    proc = subprocess.Popen(_train_command(run, synthetic_shards, "train.steps=10000", "checkpoint.every_steps=1000",
+                                           "logging.every_steps=1", "train.global_batch=64"),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines, aborted_at = [], None
+    try:
+        for line in proc.stdout:  # ends when the process closes its output (exit), bounded by the checks below
+            lines.append(line)
+            if " step 1/10000 " in line:
+                os.killpg(proc.pid, signal.SIGINT)
+            elif "Ctrl-C: saving after step" in line:
+                os.killpg(proc.pid, signal.SIGINT)  # only now: two pending SIGINTs would merge into one
+                aborted_at = time.time()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(lines)
+    assert aborted_at is not None, out[-3000:]
+    assert proc.returncode == 130, out[-3000:]
+    assert time.time() - aborted_at < 30
+    assert "Traceback" not in out and out.rstrip().endswith(
+        "pixeldit train: aborted (Ctrl-C): nothing saved since the last checkpoint"), out[-3000:]
+    assert not os.path.exists(os.path.join(run, "checkpoints", "latest"))
 
 
 def test_init_from_an_export_starts_from_its_ema_weights(synthetic_shards, tmp_path):

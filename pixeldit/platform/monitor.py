@@ -1,14 +1,18 @@
-"""TensorBoard scalars, a console line, a progress bar, and the run's provenance (rank 0 writes)."""
+"""The console (start-up banner, log lines with ETA, progress bar), the trackers (TensorBoard,
+Weights & Biases: platform/trackers.py) and the run's provenance; rank 0 writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import re
 import subprocess
 import sys
+import time
 from importlib import metadata
 
 import torch
@@ -49,39 +53,100 @@ def provenance(cfg, world: int) -> dict:
             "packages": versions, "env": env, "argv": sys.argv}
 
 
+def duration(seconds: float) -> str:
+    """H:MM:SS, with days in front past 24 h (a 1.6M-step ETA is days)."""
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
+def window_mean(values) -> float:
+    """Mean of the finite values (a skipped step's NaN would hide the others); NaN if none is."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def run_banner(trainer, resumed: bool) -> list[str]:
+    """What this run is, in a few lines at its start: the first thing to check in a job's log."""
+    cfg = trainer.cfg
+    arch = trainer.arch
+    projector = (f" + REPA projector {trainer.projector_parameter_count / 1e6:.2f}M"
+                 if trainer.projector_parameter_count else "")
+    manifest = getattr(getattr(trainer.loader, "spec", None), "manifest", None)
+    samples = f"{manifest.num_samples:,} samples in {len(manifest.shards)} shards, " if manifest else ""
+    layout = getattr(trainer, "layout", None)  # the BatchLayout the trainer splits each step by
+    batch = (layout.describe() if layout is not None
+             else f"global batch {cfg.train.global_batch}, micro-batch {cfg.train.micro_batch}")
+    processes = f"{trainer.world} process{'es' if trainer.world > 1 else ''}"
+    start = f"resumed from step {trainer.state.step:,}" if resumed else "new run"
+    root = trainer.checkpoint_root
+    checkpoints = root if "://" in root else os.path.abspath(root)
+    trackers = ", ".join(t.name for t in getattr(trainer.monitor, "trackers", [])) or "none"
+    return [
+        f"PixelDiT training: {start}, {cfg.train.steps:,} steps",
+        f"model       {cfg.model.name} (D={arch.hidden_size}, patch {arch.patch_size}): "
+        f"{trainer.parameter_count / 1e6:.2f}M parameters{projector}",
+        f"data        {cfg.data.source}: {samples}{cfg.data.image_size}px, {cfg.data.decoder} decoder",
+        f"world       {processes} on {trainer.device.type}, strategy {trainer.strategy.name}, "
+        f"{cfg.distributed.precision}",
+        f"batch       {batch}",
+        f"run dir     {os.path.abspath(trainer.run_dir)} (trackers: {trackers})",
+        f"checkpoints {checkpoints} every {cfg.checkpoint.every_steps:,} steps",
+    ]
+
+
 class Monitor:
+    """Rank 0's console (banner, log lines, progress bar) and trackers; other ranks only count."""
+
     def __init__(self, cfg, run_dir: str, rank: int, world: int, device: torch.device, flops_per_image: float):
         self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
         self.flops_per_image = flops_per_image
         self.peak = peak_tflops(device, cfg.logging.peak_tflops)
-        self.writer = None
         self.bar = None
         self.window = []
-        if rank == 0 and cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self.clock = {"start": time.perf_counter(), "step": 0}
+        self.console = contextlib.ExitStack()
+        self.trackers = []
+        if rank == 0:
+            from .trackers import build_trackers
+            self.trackers = build_trackers(cfg, run_dir)
 
-    def log_run_info(self, resumed: bool):
+    def start(self, step: int, banner: list[str]):
+        """Write the run's provenance, log the banner, start the clock and the bar at `step`."""
+        self.clock = {"start": time.perf_counter(), "step": step}
+        if self.rank != 0:
+            return
         info = provenance(self.cfg, self.world)
+        config_yaml = self.cfg.to_yaml()
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-            f.write(self.cfg.to_yaml())
+            f.write(config_yaml)
         with open(os.path.join(self.run_dir, "provenance.json"), "w") as f:
             json.dump(info, f, indent=1)
-        if self.writer is not None:
-            self.writer.add_text("run/config", "```\n" + self.cfg.to_yaml() + "\n```", 0)
-            self.writer.add_text("run/provenance", "```\n" + json.dumps(info, indent=1) + "\n```", 0)
+        for tracker in self.trackers:
+            tracker.log_config(config_yaml, self.cfg.to_dict(), info)
+        log.info("\n  ".join(banner))
         from tqdm import tqdm
-        self.bar = tqdm(total=self.cfg.train.steps, unit="step", desc="train", dynamic_ncols=True,
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        self.bar = tqdm(total=self.cfg.train.steps, initial=step, unit="step", desc="train", dynamic_ncols=True,
                         disable=not sys.stderr.isatty() and os.environ.get("PIXELDIT_PROGRESS") != "1")
+        if not self.bar.disable:
+            # log records go through tqdm.write while the bar is up: it lifts the bar, prints the line,
+            # redraws the bar, so neither writes over the other
+            self.console.enter_context(logging_redirect_tqdm())
 
     def step(self, state, metrics: dict, loader, ema, strategy):
         if self.rank != 0:
             return
         step = state.step
         self.window.append(metrics)
+        if step == self.clock["step"] + 1:
+            # the rate behind the ETA leaves out the first step (start-up, compilation, first reads)
+            self.clock["first"] = (time.perf_counter(), step)
+        loss = window_mean(m["loss"] for m in self.window)
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self.bar.update(0)
         every = self.cfg.logging.every_steps
         if step % every and step != self.cfg.train.steps:
@@ -91,35 +156,45 @@ class Monitor:
         data_share = sum(m["data_time"] for m in window) / max(sum(m["step_time"] for m in window), 1e-9)
         images_per_s = metrics["samples"] / step_time
         scalars = {
-            "train/loss": metrics["loss"], "train/grad_norm": metrics["grad_norm"], "train/lr": metrics["lr"],
+            "train/loss": loss, "train/grad_norm": metrics["grad_norm"], "train/lr": metrics["lr"],
             "train/clip": metrics["clip"], "train/stage": metrics["stage"], "train/skipped_steps": state.skipped,
             "perf/images_per_s": images_per_s, "perf/step_time_s": step_time, "perf/data_wait_share": data_share,
             **loader.stats.scalars(), "data/epoch": loader.epoch,
             "memory/ema_bytes_per_rank": ema.local_bytes(),
         }
         if metrics.get("loss_repa") is not None:
-            scalars["train/loss_repa"] = metrics["loss_repa"]
+            scalars["train/loss_repa"] = window_mean(m["loss_repa"] for m in window)
         if self.peak:
             scalars["perf/mfu"] = images_per_s * self.flops_per_image / (self.peak * 1e12 * self.world)
         if self.device.type == "cuda":
             scalars["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.add_scalars(scalars, step)
-        log.info("step %d/%d  loss %.4f  grad %.3f  lr %.2e  clip %.2f  %.1f img/s  data %.0f%%  skipped %d",
-                 step, self.cfg.train.steps, metrics["loss"], metrics["grad_norm"], metrics["lr"], metrics["clip"],
-                 images_per_s, 100 * data_share, state.skipped)
+        now = time.perf_counter()
+        t_first, first = self.clock.get("first", (self.clock["start"], self.clock["step"]))
+        if step == first:
+            t_first, first = self.clock["start"], self.clock["step"]
+        # wall time per step, saves, previews and evaluations included: what the remaining steps will cost
+        per_step = (now - t_first) / max(step - first, 1)
+        repa = f"  repa {scalars['train/loss_repa']:.4f}" if "train/loss_repa" in scalars else ""
+        log.info("step %d/%d  loss %.4f (mean of %d)%s  grad %.3f  lr %.2e  clip %.2f  %.1f img/s  data %.0f%%  "
+                 "skipped %d  elapsed %s  eta %s", step, self.cfg.train.steps, loss, len(window), repa,
+                 metrics["grad_norm"], metrics["lr"], metrics["clip"], images_per_s, 100 * data_share,
+                 state.skipped, duration(now - self.clock["start"]),
+                 duration(per_step * (self.cfg.train.steps - step)))
 
     def add_scalars(self, scalars: dict, step: int):
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log_scalars(scalars, step)
 
     def add_images(self, tag: str, grid: torch.Tensor, step: int):
-        if self.writer is not None:
-            self.writer.add_image(tag, grid, step)
+        for tracker in self.trackers:
+            tracker.log_image(tag, grid, step)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+            self.bar = None
+        self.console.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []

@@ -3,8 +3,8 @@
 One step = one global batch: the rank's share is split into micro-batches; the
 per-sample draws (t, ε, label drop) come from (seed, step, sample index), so
 neither accumulation nor world size changes them. One all-reduce per step
-carries the loss sum, the non-finite flag and the stop (SIGTERM) flag, so all
-ranks skip, save and stop together.
+carries the loss sum, the non-finite flag and the stop flag (SIGTERM, or a first
+Ctrl-C), so all ranks skip, save and stop together.
 """
 
 from __future__ import annotations
@@ -14,18 +14,21 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError, TrainingDiverged, WeightsError
 from ..diffusion import RectifiedFlow, repa_loss, velocity_loss
 from ..models import build_model, build_projector, training_flops
 from .checkpoint import join, latest_checkpoint, load_rank_state, read_meta, register_root, save_checkpoint
 from .ema import ShardedEMA
-from .monitor import Monitor
+from .monitor import Monitor, run_banner
 from .preview import write_preview
 from .schedule import StagedSchedule
 from .strategies import TrainModule, build_strategy
@@ -81,8 +84,9 @@ def load_initial_weights(model, path: str):
         state = imported["ema"] or imported["model"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"train.init_from={path}: does not match model {model.arch}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise WeightsError(f"train.init_from={path}: does not match model {model.arch}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}; set model.* to the architecture these weights were "
+                           f"trained with")
 
 
 def _rng_state() -> dict:
@@ -100,6 +104,11 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir or cfg.train.run_dir
         self.rank, self.world, self.device = setup_distributed(cfg)
+        if not dist.is_initialized():
+            # DCP warns on every save and load that it runs without a process group: in a
+            # single-process run that is the intent, and the warning would repeat at every checkpoint
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message="torch.distributed is disabled, unavailable or uninitialized")
         self.layout = cfg.train.layout(self.world)  # refuses a batch the ranks cannot share before any work
         native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         if self.device.type == "cpu" and cfg.distributed.precision == "bf16" and not native_bf16:
@@ -116,6 +125,9 @@ class Trainer:
         self.arch = arch
         model = build_model(cfg.model.name, **cfg.model.overrides())
         projector = build_projector(arch.hidden_size, cfg.repa.encoder_dim) if cfg.repa.mode != "off" else None
+        # counted before a strategy shards them (ZeRO-3 and FSDP leave each rank a part)
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.projector_parameter_count = sum(p.numel() for p in projector.parameters()) if projector else 0
         self.encoder = self._online_encoder() if cfg.repa.mode == "online" else None
         if cfg.train.init_from:
             load_initial_weights(model, cfg.train.init_from)
@@ -127,6 +139,8 @@ class Trainer:
         self.state = TrainState()
         self.checkpoint_root = self._checkpoint_root()
         self.stop_requested = False
+        self.stop_signal: str | None = None  # the signal this process received, if any
+        self.stopped_by: str | None = None   # why fit() stopped before train.steps (set on every rank)
         self.last_preview = None
         self.last_eval: dict | None = None
         self.evaluator = None
@@ -145,8 +159,9 @@ class Trainer:
         encoder = load_dinov2(cfg.repa.encoder, cfg.data.image_size, self.device, dtype)
         tokens = (cfg.data.image_size // self.arch.patch_size) ** 2
         if encoder.dim != cfg.repa.encoder_dim or encoder.tokens != tokens:
-            raise ValueError(f"repa.encoder={cfg.repa.encoder}: gives {encoder.tokens} x {encoder.dim} targets, the "
-                             f"model needs {tokens} x repa.encoder_dim={cfg.repa.encoder_dim}")
+            raise ConfigError(f"repa.encoder={cfg.repa.encoder}: gives {encoder.tokens} x {encoder.dim} targets, the "
+                              f"model needs {tokens} x repa.encoder_dim={cfg.repa.encoder_dim}; set "
+                              f"repa.encoder_dim={encoder.dim} or choose another encoder")
         return encoder
 
     def repa_targets(self, micro: dict, x: torch.Tensor) -> torch.Tensor | None:
@@ -276,18 +291,33 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def _on_sigterm(self, signum, frame):
-        self.stop_requested = True  # acted on at the next step boundary, by every rank together
+    def _on_stop_signal(self, signum, frame):
+        """SIGTERM or a first Ctrl-C: stop at the next step boundary, every rank together, after a save.
+        A Ctrl-C once a stop is pending aborts at once (the CLI reports it, exit 130)."""
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.stop_requested:
+            raise KeyboardInterrupt
+        if self.stop_requested:
+            return  # a repeated SIGTERM (SLURM, a launcher forwarding it) changes nothing
+        self.stop_requested, self.stop_signal = True, name
+        if self.rank == 0:
+            again = "; Ctrl-C again aborts without saving" if signum == signal.SIGINT else ""
+            # from a thread: this handler may have interrupted a log record half-written around the progress
+            # bar; the thread waits for the logging lock instead of writing into the middle of that record
+            threading.Thread(target=log.warning, daemon=True,
+                             args=("%s: saving after step %d, then exiting%s",
+                                   "Ctrl-C" if signum == signal.SIGINT else name, self.state.step + 1, again)).start()
 
     def fit(self, resume_from: str | None = None) -> TrainState:
         """Train to train.steps, resuming from `resume_from` or else the run's latest checkpoint."""
         cfg = self.cfg
-        resumed = self.resume(resume_from)
-        if self.rank == 0:
-            self.monitor.log_run_info(resumed)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        data = iter(self.loader)
+        stop_signals = (signal.SIGTERM, signal.SIGINT)
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in stop_signals}
+        data = None
         try:
+            resumed = self.resume(resume_from)
+            self.monitor.start(self.state.step, run_banner(self, resumed))
+            data = iter(self.loader)
             while self.state.step < cfg.train.steps:
                 t0 = time.perf_counter()
                 try:
@@ -312,13 +342,17 @@ class Trainer:
                 self.state.history.append(metrics["loss"])
                 self.monitor.step(self.state, metrics, self.loader, self.ema, self.strategy)
                 if self.state.consecutive_skips >= cfg.logging.max_skipped_steps:
-                    raise RuntimeError(f"{self.state.consecutive_skips} consecutive steps had a non-finite loss or "
-                                       f"gradient norm (last at step {self.state.step}); stopping with the last "
-                                       f"checkpoint intact: {latest_checkpoint(self.checkpoint_root)}")
+                    raise TrainingDiverged(
+                        f"{self.state.consecutive_skips} consecutive steps had a non-finite loss or gradient norm "
+                        f"(last at step {self.state.step}); stopping with the last checkpoint intact: "
+                        f"{latest_checkpoint(self.checkpoint_root)}; lower the learning rate or the clip "
+                        f"(schedule.stages), or use distributed.precision=fp32, then run again to resume from it")
                 if metrics["stop"]:
                     self.save()
+                    self.stopped_by = self.stop_signal or "a stop signal on another rank"
                     if self.rank == 0:
-                        log.warning("stop requested (SIGTERM): saved step %d and exiting", self.state.step)
+                        log.warning("stop requested (%s): saved step %d and exiting; the same command resumes "
+                                    "from it", self.stopped_by, self.state.step)
                     break
                 if self.state.step % cfg.checkpoint.every_steps == 0 or self.state.step == cfg.train.steps:
                     self.save()
@@ -328,9 +362,11 @@ class Trainer:
                 if self.evaluator is not None and self.state.step % cfg.eval.every_steps == 0:
                     self.last_eval = self.evaluator.run(self)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.monitor.close()
-            data.close()  # the epoch's threads end before the loader closes their decode processes
+            if data is not None:
+                data.close()  # the epoch's threads end before the loader closes their decode processes
             self.loader.close()  # a later fit() starts them again
         return self.state
 
