@@ -342,3 +342,18 @@ def test_init_from_an_export_starts_from_its_ema_weights(synthetic_shards, tmp_p
         assert torch.equal(tuned.strategy.module.model.state_dict()[name], value), name
     with pytest.raises(ValueError, match="repa.features is required"):
         config(synthetic_shards, 2, "repa.mode=cached", "repa.block=2")
+    from pixeldit.errors import WeightsError
+    with pytest.raises(WeightsError, match=r"^train\.init_from=.*a\.safetensors: does not match the model of this "
+                                           r"config \(\d+ tensors of another shape, e\.g\. \['[\w.]+ \(128"):
+        Trainer(config(synthetic_shards, 2, "model.hidden_size=64", f"train.init_from={tmp_path / 'a.safetensors'}"),
+                str(tmp_path / "c"))
+
+
+def test_version_flag_prints_the_installed_version(capsys):
+    from importlib import metadata
+
+    from pixeldit.cli import main
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"pixeldit {metadata.version('pixeldit')}\n"

@@ -82,11 +82,17 @@ def load_initial_weights(model, path: str):
         from ..models import load_authors_checkpoint
         imported = load_authors_checkpoint(path)
         state = imported["ema"] or imported["model"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise WeightsError(f"train.init_from={path}: does not match model {model.arch}: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}; set model.* to the architecture these weights were "
-                           f"trained with")
+    # compared before loading: load_state_dict reports other shapes as a RuntimeError per tensor
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} here" for k, v in own.items()
+                if k in state and state[k].shape != v.shape]
+    if missing or unexpected or reshaped:
+        raise WeightsError(f"train.init_from={path}: does not match the model of this config ({len(reshaped)} "
+                           f"tensors of another shape, e.g. {reshaped[:2]}; missing {missing[:3]}; unexpected "
+                           f"{unexpected[:3]}); set model.* to the architecture these weights were trained with")
+    model.load_state_dict(state)
 
 
 def _rng_state() -> dict:
