@@ -82,7 +82,7 @@ def run_banner(trainer, resumed: bool) -> list[str]:
     start = f"resumed from step {trainer.state.step:,}" if resumed else "new run"
     root = trainer.checkpoint_root
     checkpoints = root if "://" in root else os.path.abspath(root)
-    trackers = ", ".join(t.name for t in getattr(trainer.monitor, "trackers", [])) or "none"
+    trackers = ", ".join(t.name for t in trainer.monitor.trackers) or "none"
     return [
         f"PixelDiT training: {start}, {cfg.train.steps:,} steps",
         f"model       {cfg.model.name} (D={arch.hidden_size}, patch {arch.patch_size}): "
@@ -97,7 +97,7 @@ def run_banner(trainer, resumed: bool) -> list[str]:
 
 
 class Monitor:
-    """Rank 0's console (banner, log lines, progress bar) and trackers; other ranks only count."""
+    """Rank 0's console (banner, log lines, progress bar) and trackers; on other ranks it does nothing."""
 
     def __init__(self, cfg, run_dir: str, rank: int, world: int, device: torch.device, flops_per_image: float):
         self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
@@ -124,7 +124,7 @@ class Monitor:
         with open(os.path.join(self.run_dir, "provenance.json"), "w") as f:
             json.dump(info, f, indent=1)
         for tracker in self.trackers:
-            tracker.log_config(config_yaml, self.cfg.to_dict(), info)
+            tracker.log_config(config_yaml, info)
         log.info("\n  ".join(banner))
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm

@@ -23,7 +23,7 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
-    def log_config(self, config_yaml: str, config: dict, provenance: dict):
+    def log_config(self, config_yaml: str, provenance: dict):
         self.writer.add_text("run/config", "```\n" + config_yaml + "\n```", 0)
         self.writer.add_text("run/provenance", "```\n" + json.dumps(provenance, indent=1) + "\n```", 0)
 
@@ -76,7 +76,7 @@ class WandbTracker:
         self.run.define_metric("*", step_metric=self.STEP)
         self.wandb = wandb
 
-    def log_config(self, config_yaml: str, config: dict, provenance: dict):
+    def log_config(self, config_yaml: str, provenance: dict):
         # the config went to wandb.init (it is the run's config there); the provenance joins it
         self.run.config.update({"provenance": provenance}, allow_val_change=True)
 
