@@ -118,3 +118,118 @@ def test_planned_state_bytes_equal_the_counted_ones(measured, world):
             for key, value in counted.items():
                 if value is not None:
                     assert planned[key] == value, (name, world, rank, key, planned[key], value)
+
+
+def _keep_each(keep, args):
+    for a in args:
+        keep(a)  # returns None: a forward pre-hook that returned something would replace the inputs
+
+
+def _saved_bytes(model_name: str, size: int, checkpointing: str, dtype=torch.float32, **arch) -> tuple[int, int]:
+    """(bytes autograd saves for backward in one forward of TrainModule with REPA, batch) -- unique storages,
+    parameters excluded; under activation checkpointing also the inputs each checkpointed block keeps."""
+    from pixeldit.models import build_model, build_projector
+    from pixeldit.platform.strategies import TrainModule, apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = build_model(model_name, **arch)
+    module = TrainModule(model, build_projector(model.arch.hidden_size, 32), 2).to(dtype)
+    apply_activation_checkpointing(model, checkpointing)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+
+    def pack(tensor):
+        keep(tensor)
+        return tensor
+
+    blocks = [*model.patch_blocks, *model.pixel_blocks]
+    for i, block in enumerate(blocks):
+        if checkpointing == "every" or (checkpointing == "selective" and i % 2 == 0):
+            # non-reentrant checkpointing holds the block's inputs itself, outside any saved-tensor hook
+            block.register_forward_pre_hook(lambda _, args: _keep_each(keep, args[:2]))
+    batch = 2
+    x = torch.randn(batch, 3, size, size, dtype=dtype)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x, torch.rand(batch), torch.randint(0, model.num_classes, (batch,)))
+    return sum(seen.values()), batch
+
+
+@pytest.mark.parametrize("model_name,size,arch", [("pixeldit-tiny", 16, {"patch_size": 4}),
+                                                  ("pixeldit-small", 32, {"patch_depth": 3})])
+@pytest.mark.parametrize("checkpointing", ["none", "every", "selective"])
+def test_planned_activations_are_within_15_percent_of_the_saved_tensors(model_name, size, arch, checkpointing):
+    from pixeldit.models import resolve_arch
+    from pixeldit.platform.plan import activation_bytes_per_image
+
+    model_arch = resolve_arch(model_name, **arch)
+    measured, batch = _saved_bytes(model_name, size, checkpointing, **arch)
+    planned = activation_bytes_per_image(model_arch, size, size, True, 32, checkpointing, bf16=False)["saved"]
+    assert abs(planned * batch / measured - 1) < 0.15, (planned * batch, measured)
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "every"])
+def test_planned_bf16_activations_are_within_15_percent_with_bf16_weights(checkpointing):
+    # bf16 weights, as fsdp and ZeRO compute (ddp's autocast adds weight copies, planned separately)
+    from pixeldit.models import resolve_arch
+    from pixeldit.platform.plan import activation_bytes_per_image
+
+    arch = {"patch_depth": 2, "patch_size": 16}
+    measured, batch = _saved_bytes("pixeldit-small", 64, checkpointing, torch.bfloat16, **arch)
+    planned = activation_bytes_per_image(resolve_arch("pixeldit-small", **arch), 64, 64, True, 32, checkpointing,
+                                         bf16=True)["saved"]
+    assert abs(planned * batch / measured - 1) < 0.15, (planned * batch, measured)
+
+
+XL = os.path.join(os.path.dirname(__file__), "..", "configs", "imagenet256", "pixeldit_xl.yaml")
+
+
+def _plan_json(capsys, *args) -> dict:
+    from pixeldit.cli import main
+
+    assert main(["plan", "--config", XL, *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_reads_the_manifest_and_agrees_with_pixeldit_info(synthetic_shards, capsys):
+    from pixeldit.cli import main
+    from pixeldit.data_pipelines.manifest import load_manifest
+
+    plan = _plan_json(capsys, "--set", f"data.source={synthetic_shards}", "--gpus", "8", "--gpu", "h200",
+                      "--price-per-gpu-hour", "2.5", "--mfu", "0.5")
+    assert main(["info", "pixeldit-xl"]) == 0
+    info = capsys.readouterr().out
+    training_line = next(line for line in info.splitlines() if line.startswith("training"))
+    assert f"{plan['flops']['training_per_image'] / 1e9:.1f} GFLOPs/image" in training_line
+
+    shards = load_manifest(synthetic_shards).shards
+    assert plan["data"]["bytes_per_image"] == sum(s.bytes for s in shards) / sum(s.samples for s in shards)
+    assert synthetic_shards in plan["assumptions"]["bytes_per_image_source"]
+    t = plan["time"]
+    # the step's FLOPs at the stated MFU on 8 GPUs, and the cost from the GPU-hours
+    assert t["images_per_s"] * plan["flops"]["training_per_image"] == pytest.approx(8 * 989e12 * 0.5)
+    assert t["gpu_hours"] == pytest.approx(8 * t["step_s"] * 1601280 / 3600)
+    assert t["cost"] == pytest.approx(2.5 * t["gpu_hours"])
+    # the paper's layout: 8 H200s hold a micro batch of 32 without checkpointing under every sharded strategy
+    for name in ("fsdp", "zero2", "zero3"):
+        fits = plan["strategies"][name]["activation_checkpointing"]["none"]
+        assert (fits["micro_batch"], fits["accumulation"]) == (32, 1), name
+    # sharding shrinks the per-rank state in the order the strategies promise
+    total = {n: sum(s["state"].values()) for n, s in plan["strategies"].items()}
+    assert total["ddp"] > total["zero1"] > total["zero2"] > total["zero3"]
+
+
+def test_plan_text_and_a_gpu_it_does_not_know(synthetic_shards, capsys):
+    from pixeldit.cli import main
+
+    assert main(["plan", "--config", XL, "--set", f"data.source={synthetic_shards}", "--gpus", "16",
+                 "--tflops", "500", "--memory-gb", "48"]) == 0
+    text = capsys.readouterr().out
+    assert "16 x custom: 500 TFLOP/s" in text and "MFU 40%" in text and "zero3" in text
+    assert main(["plan", "--config", XL, "--gpus", "8", "--gpu", "h300"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixeldit plan: error: --gpu h300: unknown GPU kind") and "\n" not in err
