@@ -65,6 +65,27 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: an MFU is a fraction in (0, 1], e.g. 0.4")
+    return value
+
+
 def _parse_size(text: str) -> int:
     units = {"k": 10**3, "m": 10**6, "g": 10**9}
     text = text.strip().lower().rstrip("b")
@@ -208,6 +229,21 @@ def cmd_repa_cache(args) -> int:
     return run_repa_cache_command(args)
 
 
+def cmd_plan(args) -> int:
+    import json
+
+    from pixeldit.platform.config import load_config
+    from pixeldit.platform.plan import PlanInputs, format_plan, make_plan, resolve_gpu
+
+    cfg = load_config(args.config, args.overrides)
+    given = {"mfu": args.mfu, "price_per_gpu_hour": args.price_per_gpu_hour, "storage_gbps": args.storage_gbps}
+    inputs = PlanInputs(gpus=args.gpus, gpu=resolve_gpu(args.gpu, args.tflops, args.memory_gb),
+                        **{key: value for key, value in given.items() if value is not None})
+    plan = make_plan(cfg, inputs)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def package_version() -> str:
     from importlib import metadata
     try:
@@ -277,6 +313,22 @@ def build_parser() -> argparse.ArgumentParser:
     repa = verbs.add_parser("repa-cache", help="DINOv2 feature shards mirroring image shards (REPA targets)")
     add_repa_cache_arguments(repa)
     repa.set_defaults(func=cmd_repa_cache)
+
+    plan = verbs.add_parser("plan", help="memory per rank, micro batch, time, cost, checkpoint and data rates "
+                                         "of a config on N GPUs, per strategy (docs/planning.md)")
+    _add_config_args(plan)
+    plan.add_argument("--gpus", type=_positive_int, required=True, help="GPUs (ranks) in the run")
+    plan.add_argument("--gpu", default=None, help="a100-40gb | a100-80gb (a100) | h100 | h200 | b200")
+    plan.add_argument("--tflops", type=_positive_float, default=None,
+                      help="peak dense bf16 TFLOP/s per GPU (another GPU kind, or overriding --gpu's)")
+    plan.add_argument("--memory-gb", type=_positive_float, default=None, help="memory per GPU in GB")
+    plan.add_argument("--mfu", type=_fraction, default=None,
+                      help="model FLOPs utilisation assumed for the step time (default 0.40, printed)")
+    plan.add_argument("--price-per-gpu-hour", type=_positive_float, default=None, help="for the run's cost")
+    plan.add_argument("--storage-gbps", type=_positive_float, default=None,
+                      help="checkpoint write bandwidth in GB/s (default 1.0, printed)")
+    plan.add_argument("--json", action="store_true", help="the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     config = verbs.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(config)
