@@ -378,15 +378,21 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
         modes = {}
         for mode in ("none", "every"):
             act = activation_bytes_per_image(arch, size, size, repa, cfg.repa.encoder_dim, mode, bf16)
-            per_image = act["saved"] + LOADER_BATCHES_IN_FLIGHT * loader_per_image
-            room = usable - fixed - act["recompute"]
+            # the recomputed block lives at the micro batch's size too
+            per_image = act["saved"] + act["recompute"] + LOADER_BATCHES_IN_FLIGHT * loader_per_image
+            room = usable - fixed
             fits = max(0, int(room // per_image)) if room > 0 else 0
             micro = max((d for d in range(1, min(fits, per_rank) + 1) if per_rank % d == 0), default=0)
-            modes[mode] = {"activation_bytes_per_image": act["saved"], "recompute_bytes": act["recompute"],
+            modes[mode] = {"activation_bytes_per_image": act["saved"], "recompute_bytes_per_image": act["recompute"],
                            "max_micro_batch_memory": fits, "micro_batch": micro,
                            "accumulation": per_rank // micro if micro else None}
         checkpoint_bytes = _checkpoint_bytes(n_params, name, bf16)
-        per_strategy[name] = {"checkpoint_bytes": checkpoint_bytes,
+        micro = modes["none"]["micro_batch"] or modes["every"]["micro_batch"] or 1
+        traffic = comm_bytes_per_step(n_params, name, world, per_rank // micro, bf16)
+        comm_s = traffic / (gpu.interconnect_gbps * GB) if gpu.interconnect_gbps else None
+        per_strategy[name] = {"comm_bytes_per_step": traffic, "comm_s_per_step": comm_s,
+                              "comm_fraction_of_step": comm_s / step_s if comm_s is not None else None,
+                              "checkpoint_bytes": checkpoint_bytes,
                               "checkpoint_save_s": checkpoint_bytes / (inputs.storage_gbps * GB), "state": state, "transient": transient, "encoder_bytes": encoder_bytes,
                               "loader_bytes_per_image": LOADER_BATCHES_IN_FLIGHT * loader_per_image,
                               "fixed_bytes": fixed, "activation_checkpointing": modes}
@@ -423,6 +429,27 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
         "repa": repa_info,
         "strategies": per_strategy,
     }
+
+
+def comm_bytes_per_step(n_params: int, strategy: str, world: int, accumulation: int, bf16: bool) -> float:
+    """Bytes one rank sends per optimizer step (ring collectives move (w - 1) / w of the buffer).
+
+    ddp: one fp32 all-reduce (2x) at the last micro-batch; fsdp: all-gather of the compute weights
+    in forward and again in backward for every micro-batch, one fp32 reduce-scatter per step;
+    zero1/2: reduce-scatter of the gradients and all-gather of the updated weights; zero3: weights
+    gathered in forward and backward of every micro-batch and gradients reduce-scattered each one.
+    """
+    if world == 1:
+        return 0.0
+    ring = (world - 1) / world
+    low = 2 if bf16 else 4
+    if strategy == "ddp":
+        return 2 * 4 * n_params * ring
+    if strategy == "fsdp":
+        return (2 * low * accumulation + 4) * n_params * ring
+    if strategy in ("zero1", "zero2"):
+        return 2 * low * n_params * ring
+    return 3 * low * accumulation * n_params * ring
 
 
 def _checkpoint_bytes(n_params: int, strategy: str, bf16: bool) -> int:
@@ -471,6 +498,12 @@ def format_plan(plan: dict) -> str:
         row("  micro x accumulation", lambda v, m=mode: (
             f"{v['activation_checkpointing'][m]['micro_batch']}x{v['activation_checkpointing'][m]['accumulation']}"
             if v["activation_checkpointing"][m]["micro_batch"] else "no fit"))
+    lines.append(f"communication per step (rank)")
+    row("  GB sent", lambda v: _gb(v["comm_bytes_per_step"]).strip())
+    row("  ms at interconnect", lambda v: f"{1e3 * v['comm_s_per_step']:.0f}" if v["comm_s_per_step"] is not None
+        else "-")
+    row("  vs compute step", lambda v: f"{v['comm_fraction_of_step']:.0%}" if v["comm_fraction_of_step"] is not None
+        else "-")
     f, ck, d, r = plan["flops"], plan["checkpoint"], plan["data"], plan["repa"]
     own = strategies.get(c["configured_strategy"]) or next(iter(strategies.values()))
     cost = f", ${t['cost']:,.0f} at ${a['price_per_gpu_hour']}/GPU-h" if t["cost"] is not None else \
