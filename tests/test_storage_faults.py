@@ -115,7 +115,8 @@ def epoch(loader):
     return [i for batch in loader for i in batch["index"].tolist()]
 
 
-def test_a_brown_out_is_absorbed_every_retry_counted_and_shown(s3_endpoint, s3_set, faulty_s3, caplog):
+def test_a_brown_out_is_absorbed_every_retry_counted_and_shown(s3_endpoint, s3_set, faulty_s3, caplog, monkeypatch):
+    monkeypatch.setattr(storage, "_RETRY_WARNINGS", storage.Throttle())  # not held back by an earlier test's
     expected = epoch(loader_for(s3_set, s3_endpoint.url))
     names = [s.name for s in load_manifest(s3_set, {"endpoint_url": s3_endpoint.url}).shards]
     # 16 x 503 (botocore retries them in place) and bodies cut short (s3fs no longer retries them:
@@ -135,8 +136,9 @@ def test_a_brown_out_is_absorbed_every_retry_counted_and_shown(s3_endpoint, s3_s
     assert loader.stats.retries == faulty_s3.injected == 20
     assert sum(loader.stats.skipped.values()) == 0
     logged = caplog.text
-    assert re.search(r"request\(s\) retried by the S3 client \(last: .* HTTP 503", logged)  # the console shows the brown-out
-    assert re.search(rf"{names[1]}: ClientPayloadError.*retry 1 in", logged)
+    # the console shows the brown-out
+    assert re.search(r"request\(s\) retried by the S3 client \(last: .* HTTP 503", logged)
+    assert re.search(r"/train-\d+\.tar: (HTTP 503|ClientPayloadError).*; retry \d+ in", logged)
 
 
 def test_a_deleted_shard_and_a_403_stop_the_epoch_naming_the_url(s3_endpoint, s3_bucket, s3_set, faulty_s3):
@@ -175,8 +177,9 @@ def test_a_silent_endpoint_stops_train_within_the_deadline_in_one_line(tmp_path)
     silent.listen(64)
     try:
         url = "s3://bucket/imagenet/train"
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
         command = [sys.executable, "-m", "pixeldit", "train", "--run-dir", str(tmp_path / "run"),
-                   "--set", f"data.source={url}", "--set", f"data.endpoint_url=http://127.0.0.1:{silent.getsockname()[1]}",
+                   "--set", f"data.source={url}", "--set", f"data.endpoint_url={endpoint}",
                    "--set", "data.io_timeout_s=3", "--set", "logging.tensorboard=false"]
         env = {**os.environ, **CREDENTIALS, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)

@@ -36,7 +36,6 @@ from .features import (
 from .features import decode as decode_features
 from .index_shards import label_from
 from .manifest import Manifest, manifest_url, read_manifest
-from .storage import storage_options
 from .source import (
     EpochPlan,
     ReadStats,
@@ -46,6 +45,7 @@ from .source import (
     iter_lane,
     lane_position,
 )
+from .storage import storage_options
 from .tario import TruncatedSample
 
 log = logging.getLogger(__name__)

@@ -175,6 +175,26 @@ def request_timeout(io_timeout_s: float, client_retries: int) -> float:
     return io_timeout_s / (5 * (client_retries + 1))
 
 
+class Throttle:
+    """Lets something through at most every WARN_EVERY_S seconds (thread-safe)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last: float | None = None
+
+    def ready(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if self._last is not None and now - self._last < WARN_EVERY_S:
+                return False
+            self._last = now
+            return True
+
+
+# one for every operation of the process: in a brown-out every lane's reads fail at once
+_RETRY_WARNINGS = Throttle()
+
+
 class Retrying:
     """The retry state of one storage operation: backoff with jitter, a deadline, warnings.
 
@@ -192,17 +212,16 @@ class Retrying:
         self.failures = 0
         self.since: float | None = None
         self.slowest = 0.0
-        self.warned_at: float | None = None
 
     def succeeded(self):
-        if self.failures and self.warned_at is not None:
-            log.warning("%s: recovered after %d retries", self.url, self.failures)
-        self.failures, self.since, self.slowest, self.warned_at = 0, None, 0.0, None
+        if self.failures:
+            log.info("%s: recovered after %d retries", self.url, self.failures)
+        self.failures, self.since, self.slowest = 0, None, 0.0
 
     def wait(self, error: BaseException, attempt_started: float):
         """After a failed attempt: sleep before the next one, or raise the typed error."""
         typed = classify(error, self.url)
-        if typed is None:
+        if typed is None:  # no storage failure: a bug, which keeps its own traceback
             raise error
         if not isinstance(typed, TransientError):
             raise typed from error
@@ -219,8 +238,7 @@ class Retrying:
                                  f"({describe(error)}), and data.io_timeout_s={self.timeout_s:g} leaves no time "
                                  f"for another; check that the storage endpoint answers (data.endpoint_url / "
                                  f"AWS_ENDPOINT_URL), or raise data.io_timeout_s") from error
-        if self.warned_at is None or now - self.warned_at >= WARN_EVERY_S:
-            self.warned_at = now
+        if _RETRY_WARNINGS.ready():
             log.warning("%s: %s; retry %d in %.2f s (failing for %.1f s of data.io_timeout_s=%g)", self.url,
                         describe(error), self.failures, delay, elapsed, self.timeout_s)
         time.sleep(delay)
@@ -261,10 +279,10 @@ class ClientRetries:
         self._lock = threading.Lock()
         self._pending = 0              # not yet taken into a reader's stats
         self._since_warning = 0
-        self._warned_at: float | None = None
+        self._warnings = Throttle()
 
     def on_needs_retry(self, attempts: int, response=None, caught_exception=None, request_dict=None, **kwargs):
-        if attempts > self.retries:
+        if attempts > self.retries or (response is None and caught_exception is None):
             return None
         url = (request_dict or {}).get("url", "?").split("?")[0]
         if caught_exception is not None:
@@ -280,10 +298,9 @@ class ClientRetries:
         with self._lock:
             self._pending += 1
             self._since_warning += 1
-            now = time.monotonic()
-            warn = self._warned_at is None or now - self._warned_at >= WARN_EVERY_S
+            warn = self._warnings.ready()
             if warn:
-                count, self._since_warning, self._warned_at = self._since_warning, 0, now
+                count, self._since_warning = self._since_warning, 0
         if warn:
             log.warning("storage %s: %d request(s) retried by the S3 client (last: %s %s); counted in data/retries",
                         self.endpoint, count, url, cause)
