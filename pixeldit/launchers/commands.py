@@ -91,9 +91,12 @@ def plan(launcher: str, *, nnodes: int | None = None, nproc_per_node: int | None
     The master address is `master_addr` if given, else the first host of a deepspeed hostfile, else
     127.0.0.1 for a single node; a multi-node torchrun without it is refused (there is no safe guess).
     """
+    for flag, value in (("--nnodes", nnodes), ("--nproc-per-node", nproc_per_node)):
+        if value is not None and value < 1:
+            raise LaunchError(f"{flag} {value}: must be at least 1")
     if hostfile and launcher == "deepspeed":
         hosts = read_hostfile(hostfile)
-        nnodes = nnodes or len(hosts)
+        nnodes = len(hosts) if nnodes is None else nnodes
         if nnodes > len(hosts):
             raise LaunchError(f"--nnodes {nnodes}: {hostfile} lists {len(hosts)} host(s); add one line per node "
                               f"or lower --nnodes")
@@ -111,8 +114,6 @@ def plan(launcher: str, *, nnodes: int | None = None, nproc_per_node: int | None
     elif hostfile:
         raise LaunchError(f"--hostfile is for the deepspeed launcher; {launcher} takes --nnodes and --master-addr")
     nnodes, nproc_per_node = nnodes or 1, nproc_per_node or 1
-    if nnodes < 1 or nproc_per_node < 1:
-        raise LaunchError(f"--nnodes {nnodes} --nproc-per-node {nproc_per_node}: both must be at least 1")
     if not 0 <= node_rank < nnodes:
         raise LaunchError(f"--node-rank {node_rank}: must be in 0..{nnodes - 1} for --nnodes {nnodes}")
     if master_addr is None:
