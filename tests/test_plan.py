@@ -168,7 +168,7 @@ def test_planned_activations_are_within_15_percent_of_the_saved_tensors(model_na
 
     model_arch = resolve_arch(model_name, **arch)
     measured, batch = _saved_bytes(model_name, size, checkpointing, **arch)
-    planned = activation_bytes_per_image(model_arch, size, size, True, 32, checkpointing, bf16=False)["saved"]
+    planned = activation_bytes_per_image(model_arch, size, size, True, checkpointing, bf16=False)["saved"]
     assert abs(planned * batch / measured - 1) < 0.15, (planned * batch, measured)
 
 
@@ -180,7 +180,7 @@ def test_planned_bf16_activations_are_within_15_percent_with_bf16_weights(checkp
 
     arch = {"patch_depth": 2, "patch_size": 16}
     measured, batch = _saved_bytes("pixeldit-small", 64, checkpointing, torch.bfloat16, **arch)
-    planned = activation_bytes_per_image(resolve_arch("pixeldit-small", **arch), 64, 64, True, 32, checkpointing,
+    planned = activation_bytes_per_image(resolve_arch("pixeldit-small", **arch), 64, 64, True, checkpointing,
                                          bf16=True)["saved"]
     assert abs(planned * batch / measured - 1) < 0.15, (planned * batch, measured)
 

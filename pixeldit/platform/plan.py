@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..models.flops import forward_flops, training_flops
@@ -188,7 +188,7 @@ class Activations:
     shared_inputs: float  # block inputs every checkpointed block shares (s_cond of the PiT blocks)
 
 
-def activation_terms(arch, height: int, width: int, repa: bool, encoder_dim: int) -> Activations:
+def activation_terms(arch, height: int, width: int, repa: bool) -> Activations:
     """Saved-for-backward elements per image, term by term from the model's forward (docs/planning.md)."""
     p, D, C = arch.patch_size, arch.hidden_size, arch.in_channels
     L = (height // p) * (width // p)
@@ -233,12 +233,13 @@ def saved_activation_elements(terms: Activations, arch, checkpointing: str) -> f
     inputs = [terms.patch_input] * arch.patch_depth + [terms.pit_input] * (
         arch.pixel_depth if arch.variant == "pixeldit" else 0)
     total = terms.base + terms.projector
-    checkpointed = 0
+    pit_checkpointed = False
     for i, (full, kept) in enumerate(zip(blocks, inputs)):
-        recompute = checkpointing == "every" or (checkpointing == "selective" and i % 2 == 0)
-        total += kept if recompute else full
-        checkpointed += recompute
-    if checkpointed and terms.pit_block:
+        # strategies.apply_activation_checkpointing's rule over patch blocks, then PiT blocks
+        checkpointed = checkpointing == "every" or (checkpointing == "selective" and i % 2 == 0)
+        total += kept if checkpointed else full
+        pit_checkpointed |= checkpointed and i >= arch.patch_depth
+    if pit_checkpointed:
         total += terms.shared_inputs  # s_cond, held by the checkpointed PiT blocks, not by any op
     return total
 
@@ -250,11 +251,11 @@ def recompute_elements(terms: Activations, arch, checkpointing: str) -> float:
     return max(terms.patch_block, terms.pit_block)
 
 
-def activation_bytes_per_image(arch, height, width, repa, encoder_dim, checkpointing, bf16) -> dict[str, float]:
-    terms = activation_terms(arch, height, width, repa, encoder_dim)
-    # bf16: matmul inputs and outputs are 2 bytes, but RMSNorm computes in fp32 and its output is
-    # promoted to fp32 by the fp32 weight, and RoPE rotates in fp32: measured on tiny / small models
-    # with bf16 weights, 2.1-2.35 saved bytes per element (tests/test_plan.py)
+def activation_bytes_per_image(arch, height, width, repa, checkpointing, bf16) -> dict[str, float]:
+    terms = activation_terms(arch, height, width, repa)
+    # bf16: matmul inputs and outputs are 2 bytes, but RMSNorm keeps fp32 statistics and inputs and
+    # RoPE rotates in fp32: measured on tiny / small models with bf16 weights, 2.1-2.35 saved bytes
+    # per element (tests/test_plan.py)
     per_element = BF16_BYTES_PER_SAVED_ELEMENT if bf16 else 4.0
     saved = saved_activation_elements(terms, arch, checkpointing)
     return {"saved": saved * per_element, "recompute": recompute_elements(terms, arch, checkpointing) * per_element,
@@ -302,7 +303,7 @@ def resolve_gpu(name: str | None, tflops: float | None, memory_gb: float | None)
         return dataclasses.replace(kind, bf16_tflops=tflops or kind.bf16_tflops,
                                    memory_gb=memory_gb or kind.memory_gb)
     if not (tflops and memory_gb):
-        raise ConfigError("pixeldit plan: name a GPU with --gpu (e.g. --gpu h200) or give both --tflops and --memory-gb")
+        raise ConfigError("no GPU kind: name one with --gpu (e.g. --gpu h200) or give both --tflops and --memory-gb")
     return GPUKind("custom", tflops, memory_gb, 0.0)
 
 
@@ -377,7 +378,7 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
         fixed = sum(state.values()) + sum(transient.values()) + encoder_bytes
         modes = {}
         for mode in ("none", "every"):
-            act = activation_bytes_per_image(arch, size, size, repa, cfg.repa.encoder_dim, mode, bf16)
+            act = activation_bytes_per_image(arch, size, size, repa, mode, bf16)
             # the recomputed block lives at the micro batch's size too
             per_image = act["saved"] + act["recompute"] + LOADER_BATCHES_IN_FLIGHT * loader_per_image
             room = usable - fixed
