@@ -285,3 +285,17 @@ def test_a_fresh_start_in_a_run_dir_with_a_list_starts_the_list_again(bad_label_
         loader = ShardLoader(spec_for(root), skipped_log=log)
         list(loader)
     assert sorted(r["key"] for r in read_jsonl(log)) == sorted(bad)
+
+
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_an_epoch_without_a_sample_is_an_error_whatever_the_budget(synthetic_shards, tmp_path, decoder):
+    root = tmp_path / "all_cut"
+    shutil.copytree(synthetic_shards, root)
+    for shard in load_manifest(str(root)).shards:
+        (root / shard.name).write_bytes((root / shard.name).read_bytes()[:1000])
+    loader = ShardLoader(spec_for(str(root)), decoder, max_skipped_fraction=1.0)
+    batches = []
+    with pytest.raises(DataError, match=r"epoch 0 delivered no sample \(truncated 224\)"):
+        for batch in loader:  # empty batches keep the epoch's batch count (DALI never sees them)
+            batches.append(batch)
+    assert len(batches) == KEPT // BATCH and all(b["image"].shape == (0, 3, 16, 16) for b in batches)
