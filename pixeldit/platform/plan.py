@@ -18,6 +18,7 @@ Three kinds of figures, kept apart so each can be checked on its own:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -129,7 +130,14 @@ def state_bytes(shapes, strategy: str, world: int, rank: int, bf16: bool) -> dic
         part = flat // world
         start, end = rank * part, (rank + 1) * part
         real = max(0, min(end, n) - start)  # the padding sits at the end of the last partition
-        grads = (part if strategy == "zero2" else n) * low
+        if strategy == "zero2":
+            # reduced into one buffer holding every parameter that overlaps the partition, whole,
+            # plus the alignment padding when the partition holds it
+            offsets = itertools.accumulate(numels, initial=0)
+            overlapping = sum(numel for numel, first in zip(numels, offsets) if first < end and first + numel > start)
+            grads = low * (overlapping + part - real)
+        else:
+            grads = low * n  # stage 1 keeps the full gradients until the step
         return {"params": flat * low, "masters": 4 * part, "grads": grads, "moments": 8 * part, "ema": 4 * real}
     if strategy == "zero3":
         part = real = resident = 0
