@@ -277,16 +277,20 @@ DINO_SIZES = {"dinov2_vits14": (384, 12), "dinov2_vitb14": (768, 12), "dinov2_vi
               "dinov2_vitg14": (1536, 40)}
 
 
-def dino_figures(encoder: str, image_size: int) -> dict[str, float]:
-    """Parameters and forward FLOPs per image of the frozen DINOv2 ViT at 14·S/16 px."""
+def dino_figures(encoder: str, image_size: int) -> dict:
+    """Parameters and forward FLOPs per image of the frozen DINOv2 ViT at 14·S/16 px.
+
+    `repa.encoder` is a hub name or a weights file; a file named otherwise is planned as ViT-B/14,
+    and the plan says so (`name`)."""
     base = encoder.split("/")[-1].split(".")[0].replace("_pretrain", "")
+    name = base if base in DINO_SIZES else f"dinov2_vitb14 (assumed for {encoder})"
     dim, depth = DINO_SIZES.get(base, DINO_SIZES["dinov2_vitb14"])
     grid = image_size // 16
     tokens = grid * grid + 1
     per_layer = 12 * dim * dim + 13 * dim
     params = depth * per_layer + 3 * DINO_PATCH * DINO_PATCH * dim + dim + tokens * dim + 2 * dim
     flops = depth * (2 * tokens * 12 * dim * dim + 4 * tokens * tokens * dim) + 2 * tokens * 3 * DINO_PATCH ** 2 * dim
-    return {"params": float(params), "flops": float(flops), "tokens": float(grid * grid), "dim": float(dim)}
+    return {"name": name, "params": float(params), "flops": float(flops), "tokens": grid * grid, "dim": dim}
 
 
 # ---------------------------------------------------------------- the plan
@@ -353,11 +357,10 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
                           f"use a divisor of {cfg.train.global_batch} GPUs")
     per_rank = cfg.train.global_batch // world
 
-    dino = dino_figures(cfg.repa.encoder, size) if cfg.repa.mode == "online" else None
-    # the encoder runs in bf16 on GPUs, under no_grad: its weights plus one layer's activations
-    encoder_bytes = 0.0
-    if dino:
-        encoder_bytes = 2 * dino["params"]
+    dino = dino_figures(cfg.repa.encoder, size)
+    online = cfg.repa.mode == "online"
+    # the encoder runs in bf16 on GPUs without gradients: its weights stay, its activations do not
+    encoder_bytes = 2 * dino["params"] if online else 0.0
     loader_per_image = 3 * size * size  # decoded uint8 RGB
     features_bytes = REPA_CACHE_BYTES_PER_VALUE * (size // arch.patch_size) ** 2 * cfg.repa.encoder_dim
     if cfg.repa.mode == "cached":
@@ -365,10 +368,7 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
     image_bytes, image_bytes_source = manifest_image_bytes(cfg)
 
     step_flops = flops_image * cfg.train.global_batch
-    if dino:
-        step_flops_dino = dino["flops"] * cfg.train.global_batch
-    else:
-        step_flops_dino = 0.0
+    step_flops_dino = dino["flops"] * cfg.train.global_batch if online else 0.0
     step_s = (step_flops + step_flops_dino) / (world * gpu.bf16_tflops * 1e12 * inputs.mfu)
     img_s = cfg.train.global_batch / step_s
     total_s = step_s * cfg.train.steps
@@ -376,10 +376,9 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
 
     per_strategy = {}
     for name in strategies:
-        state = {}
-        for rank in range(min(world, 2)):  # rank 0 holds the largest chunk everywhere
-            counts = state_bytes(shapes, name, world, rank, bf16)
-            state = counts if not state or sum(counts.values()) > sum(state.values()) else state
+        # the fullest rank: padding and the parameters that straddle partitions differ between ranks
+        state = max((state_bytes(shapes, name, world, rank, bf16) for rank in range(world)),
+                    key=lambda counts: sum(counts.values()))
         transient = transient_bytes(shapes, name, world, bf16)
         if name == "ddp" and bf16:
             transient["autocast weight copies"] = 2 * n_params  # bf16 casts kept for backward
@@ -402,20 +401,20 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
         per_strategy[name] = {"comm_bytes_per_step": traffic, "comm_s_per_step": comm_s,
                               "comm_fraction_of_step": comm_s / step_s if comm_s is not None else None,
                               "checkpoint_bytes": checkpoint_bytes,
-                              "checkpoint_save_s": checkpoint_bytes / (inputs.storage_gbps * GB), "state": state, "transient": transient, "encoder_bytes": encoder_bytes,
+                              "checkpoint_save_s": checkpoint_bytes / (inputs.storage_gbps * GB),
+                              "state": state, "transient": transient, "encoder_bytes": encoder_bytes,
                               "loader_bytes_per_image": LOADER_BATCHES_IN_FLIGHT * loader_per_image,
                               "fixed_bytes": fixed, "activation_checkpointing": modes}
 
-    repa_info = {"mode": cfg.repa.mode}
-    dino_any = dino_figures(cfg.repa.encoder, size)
-    encoder_s_per_image = dino_any["flops"] / (gpu.bf16_tflops * 1e12 * inputs.mfu)
-    repa_info.update({
+    encoder_s_per_image = dino["flops"] / (gpu.bf16_tflops * 1e12 * inputs.mfu)
+    repa_info = {
+        "mode": cfg.repa.mode, "encoder": dino["name"],
         "cache_bytes_per_image": features_bytes,
         "cache_bandwidth_bytes_s": features_bytes * img_s,
-        "online_encoder_flops_per_image": dino_any["flops"],
-        "online_encoder_gpu_fraction": dino_any["flops"] / (flops_image + dino_any["flops"]),
+        "online_encoder_flops_per_image": dino["flops"],
+        "online_encoder_gpu_fraction": dino["flops"] / (flops_image + dino["flops"]),
         "online_encoder_gpu_hours": encoder_s_per_image * cfg.train.global_batch * cfg.train.steps / 3600,
-    })
+    }
     return {
         "config": {"model": cfg.model.name, "image_size": size, "precision": cfg.distributed.precision,
                    "global_batch": cfg.train.global_batch, "steps": cfg.train.steps,
@@ -528,7 +527,7 @@ def format_plan(plan: dict) -> str:
         f"data      {d['bandwidth_bytes_s'] / 1e6:.0f} MB/s to sustain ({d['bytes_per_image'] / 1e3:.0f} kB/image: "
         f"{a['bytes_per_image_source']}), {d['images_per_s_per_gpu']:.0f} img/s per GPU to decode",
         f"REPA      cache {r['cache_bytes_per_image'] / 1e3:.0f} kB/image, {r['cache_bandwidth_bytes_s'] / 1e6:.0f} MB/s; "
-        f"online DINOv2 would cost {r['online_encoder_gpu_fraction']:.1%} of the GPU time "
+        f"online {r['encoder']} would cost {r['online_encoder_gpu_fraction']:.1%} of the GPU time "
         f"({r['online_encoder_gpu_hours']:,.0f} GPU-hours); configured: {r['mode']}",
     ]
     return "\n".join(lines)
