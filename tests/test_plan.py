@@ -167,8 +167,12 @@ def _saved_bytes(model_name: str, size: int, checkpointing: str, dtype=torch.flo
     return sum(seen.values()), batch
 
 
+# XL's widths at 256 px with 2 patch blocks and 1 PiT block: every per-block term XL has, in seconds
+XL_GEOMETRY = ("pixeldit-xl", 256, {"patch_depth": 2, "pixel_depth": 1})
+
+
 @pytest.mark.parametrize("model_name,size,arch", [("pixeldit-tiny", 16, {"patch_size": 4}),
-                                                  ("pixeldit-small", 32, {"patch_depth": 3})])
+                                                  ("pixeldit-small", 32, {"patch_depth": 3}), XL_GEOMETRY])
 @pytest.mark.parametrize("checkpointing", ["none", "every", "selective"])
 def test_planned_activations_are_within_15_percent_of_the_saved_tensors(model_name, size, arch, checkpointing):
     from pixeldit.models import resolve_arch
@@ -180,15 +184,16 @@ def test_planned_activations_are_within_15_percent_of_the_saved_tensors(model_na
     assert abs(planned * batch / measured - 1) < 0.15, (planned * batch, measured)
 
 
+@pytest.mark.parametrize("model_name,size,arch", [("pixeldit-small", 64, {"patch_depth": 2, "patch_size": 16}),
+                                                  XL_GEOMETRY])
 @pytest.mark.parametrize("checkpointing", ["none", "every"])
-def test_planned_bf16_activations_are_within_15_percent_with_bf16_weights(checkpointing):
+def test_planned_bf16_activations_are_within_15_percent_with_bf16_weights(model_name, size, arch, checkpointing):
     # bf16 weights, as fsdp and ZeRO compute (ddp's autocast adds weight copies, planned separately)
     from pixeldit.models import resolve_arch
     from pixeldit.platform.plan import activation_bytes_per_image
 
-    arch = {"patch_depth": 2, "patch_size": 16}
-    measured, batch = _saved_bytes("pixeldit-small", 64, checkpointing, torch.bfloat16, **arch)
-    planned = activation_bytes_per_image(resolve_arch("pixeldit-small", **arch), 64, 64, True, checkpointing,
+    measured, batch = _saved_bytes(model_name, size, checkpointing, torch.bfloat16, **arch)
+    planned = activation_bytes_per_image(resolve_arch(model_name, **arch), size, size, True, checkpointing,
                                          bf16=True)["saved"]
     assert abs(planned * batch / measured - 1) < 0.15, (planned * batch, measured)
 
