@@ -222,6 +222,7 @@ def test_plan_reads_the_manifest_and_agrees_with_pixeldit_info(synthetic_shards,
     shards = load_manifest(synthetic_shards).shards
     assert plan["data"]["bytes_per_image"] == sum(s.bytes for s in shards) / sum(s.samples for s in shards)
     assert synthetic_shards in plan["assumptions"]["bytes_per_image_source"]
+    assert plan["repa"]["cache_bytes"] == plan["repa"]["cache_bytes_per_image"] * sum(s.samples for s in shards)
     t = plan["time"]
     # the step's FLOPs at the stated MFU on 8 GPUs, and the cost from the GPU-hours
     assert t["images_per_s"] * plan["flops"]["training_per_image"] == pytest.approx(8 * 989e12 * 0.5)

@@ -58,6 +58,7 @@ DDP_BUCKET_FACTOR = 1              # DDP's reducer keeps one fp32 copy of all gr
 DS_REDUCE_BUCKET = 500_000_000     # DeepSpeed's default reduce_bucket_size (elements)
 DS_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold (elements)
 DINO_PATCH = 14
+IMAGENET_TRAIN_IMAGES = 1_281_167  # the REPA cache's total size when no manifest gives the count
 REPA_CACHE_BYTES_PER_VALUE = 2     # `pixeldit repa-cache` writes fp16 by default (bf16 the same size)
 BF16_BYTES_PER_SAVED_ELEMENT = 2.3
 
@@ -319,8 +320,9 @@ def resolve_gpu(name: str | None, tflops: float | None, memory_gb: float | None)
     return GPUKind("custom", tflops, memory_gb, 0.0)
 
 
-def manifest_image_bytes(cfg) -> tuple[float, str]:
-    """Mean bytes per stored image from data.source's manifest, else the stated assumption."""
+def manifest_image_bytes(cfg) -> tuple[float, str, int | None]:
+    """(mean bytes per stored image, where that comes from, samples) from data.source's manifest,
+    else the stated assumption and no sample count."""
     from ..data_pipelines.manifest import load_manifest
     from ..errors import PixelDiTError
 
@@ -333,12 +335,12 @@ def manifest_image_bytes(cfg) -> tuple[float, str]:
         else:
             count = sum(s.samples for s in manifest.shards)
             if count:
-                return sum(s.bytes for s in manifest.shards) / count, f"manifest at {source} ({count} samples)"
+                return sum(s.bytes for s in manifest.shards) / count, f"manifest at {source} ({count} samples)", count
             reason = "the manifest lists no samples"
     else:
         reason = "synthetic data"
     scaled = ASSUMED_JPEG_BYTES_256 * (cfg.data.image_size / 256) ** 2
-    return scaled, f"assumed {scaled / 1e3:.0f} kB per JPEG ({reason})"
+    return scaled, f"assumed {scaled / 1e3:.0f} kB per JPEG ({reason})", None
 
 
 def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
@@ -365,7 +367,7 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
     features_bytes = REPA_CACHE_BYTES_PER_VALUE * (size // arch.patch_size) ** 2 * cfg.repa.encoder_dim
     if cfg.repa.mode == "cached":
         loader_per_image += features_bytes  # the targets travel in the cache's 16 bits
-    image_bytes, image_bytes_source = manifest_image_bytes(cfg)
+    image_bytes, image_bytes_source, samples = manifest_image_bytes(cfg)
 
     step_flops = flops_image * cfg.train.global_batch
     step_flops_dino = dino["flops"] * cfg.train.global_batch if online else 0.0
@@ -410,6 +412,8 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
     repa_info = {
         "mode": cfg.repa.mode, "encoder": dino["name"],
         "cache_bytes_per_image": features_bytes,
+        # the whole cache: one entry per sample of data.source (known from its manifest only)
+        "cache_bytes": features_bytes * samples if samples else None,
         "cache_bandwidth_bytes_s": features_bytes * img_s,
         "online_encoder_flops_per_image": dino["flops"],
         "online_encoder_gpu_fraction": dino["flops"] / (flops_image + dino["flops"]),
@@ -526,7 +530,11 @@ def format_plan(plan: dict) -> str:
         f"steps ({ck['saves'] * own['checkpoint_save_s'] / 3600:.1f} h of saving if the step waits for it)",
         f"data      {d['bandwidth_bytes_s'] / 1e6:.0f} MB/s to sustain ({d['bytes_per_image'] / 1e3:.0f} kB/image: "
         f"{a['bytes_per_image_source']}), {d['images_per_s_per_gpu']:.0f} img/s per GPU to decode",
-        f"REPA      cache {r['cache_bytes_per_image'] / 1e3:.0f} kB/image, {r['cache_bandwidth_bytes_s'] / 1e6:.0f} MB/s; "
+        f"REPA      cache {r['cache_bytes_per_image'] / 1e3:.0f} kB/image ("
+        + (f"{r['cache_bytes'] / GB:.1f} GB for the data set" if r["cache_bytes"] else
+           f"{r['cache_bytes_per_image'] * IMAGENET_TRAIN_IMAGES / GB:.0f} GB if the data set is ImageNet-1k's "
+           f"{IMAGENET_TRAIN_IMAGES:,} images")
+        + f"), read at {r['cache_bandwidth_bytes_s'] / 1e6:.0f} MB/s; "
         f"online {r['encoder']} would cost {r['online_encoder_gpu_fraction']:.1%} of the GPU time "
         f"({r['online_encoder_gpu_hours']:,.0f} GPU-hours); configured: {r['mode']}",
     ]
