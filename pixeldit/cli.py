@@ -141,6 +141,8 @@ def cmd_train(args) -> int:
         print("pixeldit train: aborted (Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr,
               flush=True)
         return 130
+    if trainer.already_complete:
+        return 0  # the trainer's one line said so; nothing was trained, so no summary
     if trainer.rank == 0:
         run = os.path.abspath(trainer.run_dir)
         if trainer.stopped_by:

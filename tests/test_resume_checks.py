@@ -151,7 +151,7 @@ def test_allowed_changes_resume_and_train_on(synthetic_shards, run):
     assert sorted(os.listdir(ckpt(run))) == ["latest", "step_00000006"]
 
 
-def test_a_finished_run_says_so_and_runs_no_step(synthetic_shards, run, caplog, monkeypatch):
+def test_a_finished_run_says_so_and_runs_no_step(synthetic_shards, run, caplog, monkeypatch, capsys):
     from pixeldit.cli import main
 
     def no_step(self, batch):
@@ -163,6 +163,7 @@ def test_a_finished_run_says_so_and_runs_no_step(synthetic_shards, run, caplog, 
     complete = [r.getMessage() for r in caplog.records if "already complete" in r.getMessage()]
     assert complete == [f"{run} is already complete at step 4 (train.steps=4): nothing to train; to train further, "
                         f"run the same command with --set train.steps=N, N > 4"]
+    assert capsys.readouterr().out == ""  # no banner, no "trained N steps" summary
     assert {n: os.path.getmtime(os.path.join(ckpt(run), n)) for n in os.listdir(ckpt(run))} == before
 
 

@@ -146,6 +146,7 @@ class Trainer:
         self.checkpoint_root = self._checkpoint_root()
         self.stop_requested = False
         self.stop_signal: str | None = None  # the signal this process received, if any
+        self.already_complete = False      # the run's checkpoint is already at train.steps
         self.stopped_by: str | None = None   # why fit() stopped before train.steps (set on every rank)
         self.last_preview = None
         self.last_eval: dict | None = None
@@ -217,10 +218,11 @@ class Trainer:
         self.state = TrainState(step=s["step"], updates=s["updates"], skipped=s["skipped"],
                                 consecutive_skips=s["consecutive_skips"])
         self.ema.updates = meta["ema_updates"]
+        steps = self.cfg.train.steps
+        self.already_complete = self.state.step >= steps
         if self.rank == 0:
             log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.loader.epoch)
-            steps = self.cfg.train.steps
-            if self.state.step >= steps:
+            if self.already_complete:
                 log.info("%s is already complete at step %d (train.steps=%d): nothing to train; to train "
                          "further, run the same command with --set train.steps=N, N > %d", self.run_dir,
                          self.state.step, steps, self.state.step)
@@ -322,6 +324,8 @@ class Trainer:
         data = None
         try:
             resumed = self.resume(resume_from)
+            if self.already_complete:
+                return self.state  # resume() said so; no banner, no epoch started
             self.monitor.start(self.state.step, run_banner(self, resumed))
             data = iter(self.loader)
             while self.state.step < cfg.train.steps:
