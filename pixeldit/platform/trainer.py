@@ -95,6 +95,14 @@ def load_initial_weights(model, path: str):
     model.load_state_dict(state)
 
 
+def _stand_in(batch: dict) -> dict:
+    """One sample to push through a forward / backward whose loss is not counted: the batch's first
+    (real pixels and targets keep every gradient finite), or zeros when the batch came empty."""
+    if len(batch["key"]):
+        return {k: v[:1] for k, v in batch.items()}
+    return {k: v.new_zeros((1, *v.shape[1:])) if isinstance(v, torch.Tensor) else [""] for k, v in batch.items()}
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -245,9 +253,17 @@ class Trainer:
     # ------------------------------------------------------------ one step
 
     def _micro_batches(self, batch: dict):
-        n = self.layout.micro_batch
-        for i in range(0, len(batch["key"]), n):
-            yield {k: v[i:i + n] for k, v in batch.items()}
+        """Exactly `layout.accumulation` (micro-batch, real samples) pairs on every rank.
+
+        FSDP and ZeRO run collectives in every forward and backward, so a rank whose batch came
+        short (corrupt samples skipped by the loader) must still run as many as the others: its
+        last micro-batches are short, and one with no sample left runs a zero-weight stand-in.
+        """
+        m = self.layout.micro_batch
+        for i in range(self.layout.accumulation):
+            micro = {k: v[i * m:(i + 1) * m] for k, v in batch.items()}
+            real = len(micro["key"])
+            yield (micro if real else _stand_in(batch)), real
 
     def train_step(self, batch: dict) -> dict:
         from ..data_pipelines.loader import to_model_input
@@ -258,22 +274,26 @@ class Trainer:
         micros = list(self._micro_batches(batch))
         # DeepSpeed divides by its accumulation count itself; the others average micro-batch means here
         divisor = 1 if self.strategy.name.startswith("zero") else len(micros)
+        # a micro-batch's loss is its samples' sum over the nominal size: a short one (skipped samples)
+        # weighs what it holds, a stand-in nothing (its losses are sliced off, its gradients are zeros);
+        # for a full one this is its mean, bit for bit
+        nominal = self.layout.micro_batch
         loss_sum = torch.zeros((), dtype=torch.float64)
         repa_sum = torch.zeros((), dtype=torch.float64)
-        for i, micro in enumerate(micros):
+        for i, (micro, real) in enumerate(micros):
             x, y = to_model_input(micro, self.device)
             aligned = self.repa_targets(micro, x)
             draws = self.flow.draw(cfg.train.seed, s.step, micro["index"].tolist(), tuple(x.shape[1:]), self.device)
             x_t, t, y_in, target = self.flow.training_inputs(x, y, draws)
             with self.strategy.accumulating(last=i == len(micros) - 1):
                 v, projected = self.strategy.forward(x_t, t, y_in)
-                per_sample = velocity_loss(v, target, "none")
+                per_sample = velocity_loss(v, target, "none")[:real]
                 total = per_sample
                 if aligned is not None:
-                    per_repa = repa_loss(projected, aligned)
+                    per_repa = repa_loss(projected, aligned)[:real]
                     total = per_sample + cfg.repa.weight * per_repa
                     repa_sum += per_repa.detach().double().sum().cpu()
-                self.strategy.backward(total.mean() / divisor)
+                self.strategy.backward(total.sum() / nominal / divisor)
             loss_sum += per_sample.detach().double().sum().cpu()
         finite = torch.isfinite(loss_sum) and torch.isfinite(repa_sum)
         # on the device: an NCCL process group has no CPU backend
