@@ -3,7 +3,8 @@
 No mocks: `s3_endpoint` runs ``python -m moto.server`` on a free loopback port and every
 test talks real HTTP to it through s3fs/botocore/aiohttp. `FaultProxy` is a small threaded
 HTTP proxy (stdlib only) that sits between the client and moto and can answer 503 SlowDown,
-reset the connection, or cut a response body short, for the next N matching requests.
+reset the connection, cut a response body short, or fall silent mid-body, for the next N
+matching requests.
 
 Fixtures (plain pytest fixtures; a conftest can re-export them with
 ``from tests.s3_server import s3_endpoint, s3_bucket, faulty_s3``):
@@ -282,6 +283,7 @@ SLOWDOWN = "slowdown"   # any injected error status (503 SlowDown by default)
 RESET = "reset"         # connection reset (RST) before a response, or right after the headers
 TRUNCATE = "truncate"   # full Content-Length header, only part of the body, then close
 PASSED = "passed"       # forwarded unchanged
+STALL = "stall"         # full Content-Length header, part of the body, then silence (the connection stays open)
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
@@ -313,6 +315,7 @@ class FaultRule:
     nbytes: int | None = None      # TRUNCATE: body bytes to send (else `fraction`)
     fraction: float = 0.5
     rst: bool = False              # TRUNCATE: end with a reset instead of a clean close
+    stall_s: float = 60.0          # STALL: silent this long (or until the proxy stops), then close
     injected: int = 0
 
     def applies(self, method: str, path: str) -> bool:
@@ -488,6 +491,14 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(0.01)  # let the headers leave before the RST
             self._reset()
+        elif rule.kind == STALL:  # correct headers, a prefix of the body, then nothing while the socket stays open
+            n = max(0, min(rule.nbytes if rule.nbytes is not None else int(len(data) * rule.fraction), len(data) - 1))
+            proxy._record(method, path, STALL, status)
+            self._send_head(status, reason, headers)
+            self.wfile.write(data[:n])
+            self.wfile.flush()
+            proxy._stopping.wait(rule.stall_s)
+            self.close_connection = True
         else:  # TRUNCATE: correct headers, a prefix of the body, then close
             n = rule.nbytes if rule.nbytes is not None else int(len(data) * rule.fraction)
             n = max(0, min(n, len(data) - 1))
@@ -506,14 +517,14 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 class FaultProxy:
     """A loopback HTTP proxy in front of an S3 endpoint that injects faults on demand.
 
-    Faults are queued with `slowdown` / `error`, `reset` and `truncate`; each applies to the
+    Faults are queued with `slowdown` / `error`, `reset`, `truncate` and `stall`; each applies to the
     next `n` matching requests (n=None: all of them until `clear()`). By default a fault only
     matches GETs of object bodies (path-style ``/bucket/key``, not ListObjects, not HEAD);
     widen with ``methods=`` and ``objects_only=False``. ``match`` is a substring of the
     request path (raw or unquoted), e.g. "shard-000001", or a callable(method, path).
     Rules are tried in the order they were added; the first live match wins.
 
-    ``counts`` maps "slowdown" / "reset" / "truncate" / "passed" to how many requests got
+    ``counts`` maps "slowdown" / "reset" / "truncate" / "stall" / "passed" to how many requests got
     that treatment; ``records`` lists every request as a `ProxyRecord`.
     """
 
@@ -526,7 +537,8 @@ class FaultProxy:
         self._port = port
         self._lock = threading.Lock()
         self._rules: list[FaultRule] = []
-        self._counts = {SLOWDOWN: 0, RESET: 0, TRUNCATE: 0, PASSED: 0}
+        self._counts = {SLOWDOWN: 0, RESET: 0, TRUNCATE: 0, STALL: 0, PASSED: 0}
+        self._stopping = threading.Event()  # wakes stalled handlers
         self.records: list[ProxyRecord] = []
         self._conns: set[socket.socket] = set()
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
@@ -538,6 +550,7 @@ class FaultProxy:
     def start(self) -> "FaultProxy":
         if self._server is not None:
             return self
+        self._stopping.clear()
         server = _ProxyServer((HOST, self._port), _ProxyHandler)
         server.proxy = self
         server.reset_sockets = set()
@@ -551,6 +564,7 @@ class FaultProxy:
         server, self._server = self._server, None
         if server is None:
             return
+        self._stopping.set()
         stopper = threading.Thread(target=server.shutdown, daemon=True)
         stopper.start()
         stopper.join(timeout)
@@ -637,6 +651,14 @@ class FaultProxy:
         return self._add(FaultRule(TRUNCATE, n, match, tuple(methods), objects_only,
                                    nbytes=nbytes, fraction=fraction, rst=rst))
 
+    def stall(self, n: int | None = 1, match=None, nbytes: int | None = None, fraction: float = 0.5,
+              stall_s: float = 60.0, methods=("GET",), objects_only: bool = True) -> FaultRule:
+        """Send the real headers and `nbytes` (or `fraction`) of the body, then nothing for
+        `stall_s` seconds (or until the proxy stops) while the connection stays open: an
+        endpoint that goes silent in the middle of a stream."""
+        return self._add(FaultRule(STALL, n, match, tuple(methods), objects_only,
+                                   nbytes=nbytes, fraction=fraction, stall_s=stall_s))
+
     def clear(self) -> None:
         """Drop all pending faults (counters and records are kept)."""
         with self._lock:
@@ -657,7 +679,7 @@ class FaultProxy:
     def injected(self) -> int:
         """Total faults injected so far (all kinds)."""
         c = self.counts
-        return c[SLOWDOWN] + c[RESET] + c[TRUNCATE]
+        return c[SLOWDOWN] + c[RESET] + c[TRUNCATE] + c[STALL]
 
     @property
     def passed(self) -> int:

@@ -1,12 +1,16 @@
 """`pixeldit shards index`: WebDataset shards written by webdataset's own ShardWriter, indexed in place
-or into another folder, validated, resumed, and read back by the loader."""
+or into another folder, validated, resumed, and read back by the loader; on S3 (moto and the fault
+proxy) in parallel, with a deadline, a refusal and a worker killed mid-shard."""
 
 import io
-import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,7 @@ from pixeldit.cli import main
 from pixeldit.data_pipelines.index_shards import index_shards
 from pixeldit.data_pipelines.loader import build_loader
 from pixeldit.data_pipelines.manifest import load_manifest
-from pixeldit.data_pipelines.source import ShardReader
+from pixeldit.data_pipelines.storage import AccessDenied, StorageTimeout
 from pixeldit.data_pipelines.verify import verify_shards
 from pixeldit.errors import ConfigError, DataError, MissingFileError
 from pixeldit.platform.config import load_config
@@ -55,9 +59,9 @@ def cls_samples(n: int, bad: dict[int, dict] = ()) -> tuple[list[dict], dict[str
     return samples, good
 
 
-def epoch(root: str, batch: int, decoder="pil", endpoint=None) -> list[tuple[str, int]]:
+def epoch(root: str, batch: int, decoder="pil", endpoint=None, classes=5) -> list[tuple[str, int]]:
     overrides = [f"data.source={root}", "data.image_size=8", f"train.global_batch={batch}", f"data.decoder={decoder}",
-                 "model.num_classes=5"]
+                 f"model.num_classes={classes}"]
     if endpoint:
         overrides.append(f"data.endpoint_url={endpoint}")
     loader = build_loader(load_config(None, overrides), 0, 1)
@@ -145,15 +149,12 @@ def test_json_labels_mixed_sizes_and_a_cut_shard(tmp_path):
     # verify checks what was indexed: the .json labels, the samples kept, the cut shard up to its cut
     assert verify_shards(str(tmp_path / "wds"), decode=True, progress=False) == []
 
-    # the loader reads `.cls` today; the indexed samples and their .json labels, through the reader
-    reader = ShardReader(m, str(tmp_path / "wds"))
-    got = {}
-    for n, shard in enumerate(m.shards):
-        for _, key, files in reader.read_run(n, 0, shard.samples):
-            got[key] = json.loads(bytes(files["json"]))["label"]
-    # every sample wholly before the cut is kept, with its label
+    # the loader reads the labels from the manifest's label_sources: every sample wholly before the
+    # cut is delivered once, with its .json label
+    delivered = epoch(str(tmp_path / "wds"), batch=3, classes=7)
     expected = {k: v for k, v in labels.items() if k in {"img0000", "img0001", "img0003"} | before_cut}
-    assert 0 < len(before_cut) < 5 and got == expected and m.num_samples == len(expected)
+    assert 0 < len(before_cut) < 5 and m.num_samples == len(expected)
+    assert sorted(delivered) == sorted(expected.items())
 
     # another field, named on the command line, comes first
     for sample in samples:
@@ -224,3 +225,82 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "wds" / "manifest.json").unlink()
     with pytest.raises(DataError, match="no sample passed the checks .*--label-key"):
         index_shards(str(tmp_path / "wds"), label_keys=["json:label"], progress=False)
+
+
+@pytest.fixture
+def s3_wds(tmp_path, s3_endpoint, s3_bucket):
+    """Three ShardWriter shards of 4 samples on moto: (url, shard names, good samples)."""
+    samples, good = cls_samples(12)
+    tars = write_wds(tmp_path / "wds", samples, per_shard=4)
+    fs = s3_endpoint.filesystem()
+    for tar in tars:
+        fs.put_file(str(tar), f"{s3_bucket}/imagenet/{tar.name}")
+    return f"s3://{s3_bucket}/imagenet", [t.name for t in tars], good
+
+
+def test_a_silent_shard_stops_at_the_deadline_and_a_refusal_is_one_line(s3_wds, faulty_s3):
+    url, names, _ = s3_wds
+    # silent halfway through a shard's body: the index stops within its deadline, naming the shard
+    faulty_s3.stall(n=None, match=names[1], fraction=0.5)
+    start = time.monotonic()
+    with pytest.raises(StorageTimeout) as e:
+        index_shards(url, options={"endpoint_url": faulty_s3.url}, io_timeout_s=2, progress=False)
+    assert time.monotonic() - start < 2 + 8  # shard 0 and the listing, then the deadline
+    assert str(e.value).startswith(f"{url}/{names[1]}: still failing after") and "data.io_timeout_s=2" in str(e.value)
+    assert float(re.search(r"attempts in ([\d.]+) s", str(e.value)).group(1)) <= 2
+    faulty_s3.clear()
+    # a refusal comes through as storage typed it: the URL, the cause and the fix, once
+    faulty_s3.error(n=None, match=names[2], status=403, code="AccessDenied", message="Access Denied")
+    with pytest.raises(AccessDenied) as denied:
+        index_shards(url, options={"endpoint_url": faulty_s3.url}, progress=False)
+    text = str(denied.value)
+    assert text.startswith(f"{url}/{names[2]}: access denied (HTTP 403 AccessDenied); check the credentials")
+    assert text.count(names[2]) == 1 and "\n" not in text
+
+
+def spawned_workers() -> list[int]:
+    """Pids of this process's children that run multiprocessing's spawn entry point (pool workers)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        if parent == os.getpid() and b"spawn_main" in command:
+            found.append(int(pid))
+    return found
+
+
+def test_a_worker_killed_mid_shard_stops_the_index_naming_the_shard(s3_wds, faulty_s3):
+    url, names, _ = s3_wds
+    # shard 1 never finishes (its body stalls); then its worker is killed, as the OOM killer would
+    faulty_s3.stall(n=None, match=names[1], fraction=0.5, stall_s=30)
+    outcome = {}
+
+    def run():
+        try:
+            index_shards(url, options={"endpoint_url": faulty_s3.url}, workers=2, progress=False)
+        except Exception as e:  # noqa: BLE001 - handed to the test's thread to assert on
+            outcome["error"] = e
+
+    indexing = threading.Thread(target=run, daemon=True)
+    indexing.start()
+    deadline = time.monotonic() + 60
+    # wait until shard 1 is stalled and the other worker has finished shards 0 and 2 (their records are
+    # written): the only shard in flight is then shard 1
+    client = faulty_s3.endpoint.client()
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    while not (faulty_s3.counts["stall"] and client.list_objects_v2(
+            Bucket=bucket, Prefix=f"{prefix}/index-records/").get("KeyCount", 0) >= 2):
+        assert time.monotonic() < deadline and indexing.is_alive(), outcome
+        time.sleep(0.05)
+    for pid in spawned_workers():
+        os.kill(pid, signal.SIGKILL)
+    indexing.join(30)
+    assert not indexing.is_alive(), "index_shards waits forever for a dead worker"
+    text = str(outcome.get("error"))
+    assert isinstance(outcome.get("error"), DataError), text
+    assert text.startswith(f"{url}/{names[1]}: the worker process indexing it died") and "--workers" in text

@@ -15,11 +15,14 @@ that died, or new shards added to the prefix, cost only the shards not yet recor
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import multiprocessing as mp
 import os
 import re
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -29,9 +32,12 @@ from ..errors import ConfigError, DataError, MissingFileError
 from . import images
 from .manifest import MANIFEST, ImagePolicy, Manifest, ShardInfo, save_manifest
 from .storage import (
+    RangedFile,
     TransientError,
+    describe,
     exists,
     filesystem,
+    io_timeout,
     is_local,
     join,
     protocol_of,
@@ -160,17 +166,16 @@ def index_shard(job: ShardJob) -> dict:
     path = strip_protocol(job.url)
 
     def attempt():
-        with open(path, "rb") if is_local(job.url) else fs.open(path, "rb", block_size=READ_BLOCK) as f:
+        with open(path, "rb") if is_local(job.url) else io.BufferedReader(RangedFile(fs, job.url), READ_BLOCK) as f:
             return read_shard(HashingReader(f), job)
 
     try:
         # a read cut by the network starts the shard again; what the file itself holds does not
-        entries, record = with_retries(job.url, attempt)
+        entries, record = with_retries(job.url, attempt, io_timeout(job.options))
     except FileNotFoundError:
         raise MissingFileError(f"{job.url}: the shard went missing while indexing; list the shards again "
                                f"(rerun `pixeldit shards index`)") from None
-    except PermissionError as e:
-        raise DataError(f"{job.url}: no read access ({e}); fix the credentials or permissions") from None
+    # a refusal (AccessDenied) comes through as storage typed it: it names the URL and the fix
     write_out(job, join(job.out, f"{job.stem}.idx"), index_text(entries).encode())
     write_out(job, record_url(job.out, job.stem), json.dumps(record).encode())
     return record
@@ -180,7 +185,8 @@ def write_out(job: ShardJob, url: str, data: bytes):
     try:
         write_bytes(url, data, job.options)
     except PermissionError as e:
-        raise DataError(f"{url}: cannot write here ({e}); index into a writable folder with --out DIR") from None
+        raise DataError(f"{url}: cannot write here ({describe(e.__cause__ or e)}); index into a writable folder "
+                        f"with --out DIR") from None
 
 
 def read_shard(stream: HashingReader, job: ShardJob) -> tuple[list, dict]:
@@ -285,7 +291,7 @@ def list_shards(pattern: str, options: dict | None) -> tuple[str, list[tuple[str
         prefix = None
     fs.invalidate_cache(strip_protocol(folder))  # a listing cached earlier in this process may miss new shards
     try:
-        entries = with_retries(folder, lambda: fs.ls(strip_protocol(folder), detail=True))
+        entries = with_retries(folder, lambda: fs.ls(strip_protocol(folder), detail=True), io_timeout(options))
     except FileNotFoundError:
         raise MissingFileError(f"{folder}: no such folder or bucket prefix; give the shards' folder, a name "
                                f"prefix or a brace pattern like {folder}/train-{{000000..000099}}.tar") from None
@@ -323,7 +329,10 @@ class IndexResult:
 
 def index_shards(pattern: str, out: str | None = None, options: dict | None = None, workers: int = 0,
                  label_keys: list[str] | None = None, num_classes: int | None = None,
-                 progress: bool = True) -> IndexResult:
+                 progress: bool = True, io_timeout_s: float | None = None) -> IndexResult:
+    """`io_timeout_s` (else the options', else storage's default) is every read's and write's deadline."""
+    if io_timeout_s is not None:
+        options = {**(options or {}), "io_timeout_s": io_timeout_s}
     sources = parse_label_sources(label_keys)
     if num_classes is not None and num_classes < 1:
         raise ConfigError(f"--num-classes {num_classes}: expected 1 or more")
@@ -349,9 +358,8 @@ def index_shards(pattern: str, out: str | None = None, options: dict | None = No
                  len(jobs), len(todo))
     bar = tqdm(total=sum(j.bytes for j in jobs), initial=sum(j.bytes for j in jobs if j.name in records),
                unit="B", unit_scale=True, desc="indexing shards", disable=not progress, smoothing=0.05)
-    pool = mp.get_context("spawn").Pool(min(workers, len(todo))) if workers > 0 and len(todo) > 1 else None
     try:
-        done = pool.imap_unordered(index_shard, todo) if pool else map(index_shard, todo)
+        done = _in_processes(todo, workers) if workers > 0 and len(todo) > 1 else map(index_shard, todo)
         for record in done:
             records[record["name"]] = record
             read.append(record["name"])
@@ -359,11 +367,47 @@ def index_shards(pattern: str, out: str | None = None, options: dict | None = No
             bar.set_postfix(skipped=sum(len(r["skipped"]) for r in records.values()), refresh=False)
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
     manifest = assemble(pattern, [records[job.name] for job in jobs], folder, root, num_classes)
     save_manifest(root, manifest, options)
     return IndexResult(manifest, root, read, reused)
+
+
+def _in_processes(todo: list[ShardJob], workers: int):
+    """The records of `todo`, indexed in `workers` spawned processes, as they complete.
+
+    A worker killed mid-shard (the kernel's OOM killer on a huge image) breaks the executor, which
+    fails every pending job at once: a multiprocessing.Pool silently replaced the worker and
+    waited forever for its job. No more jobs are handed out than there are workers, so the shards
+    in flight when one dies are exactly those a worker was indexing.
+    """
+    executor = ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn"))
+    queued, running = list(reversed(todo)), {}
+    try:
+        while queued or running:
+            while queued and len(running) < workers:
+                job = queued.pop()
+                running[executor.submit(index_shard, job)] = job
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield _result(future, running)
+                del running[future]
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        # on an error (a shard denied, a deadline passed) the other workers' shards are not needed;
+        # shutdown alone would let them run to their end (Python 3.14 has terminate_workers())
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            process.terminate()
+
+
+def _result(future: Future, running: dict[Future, ShardJob]) -> dict:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        names = sorted(job.url for job in running.values())
+        which = "it" if len(names) == 1 else "one of them"
+        raise DataError(f"{' or '.join(names)}: the worker process indexing {which} died (killed by the system, "
+                        f"most likely out of memory on a huge image); rerun with fewer --workers or more memory "
+                        f"(shards already indexed are reused)") from None
 
 
 def assemble(pattern: str, records: list[dict], folder: str, root: str, num_classes: int | None) -> Manifest:
@@ -398,7 +442,7 @@ def assemble(pattern: str, records: list[dict], folder: str, root: str, num_clas
 
 def run_index_command(args) -> int:
     result = index_shards(args.pattern, out=args.out, workers=args.workers, label_keys=args.label_key,
-                          num_classes=args.num_classes)
+                          num_classes=args.num_classes, io_timeout_s=getattr(args, "io_timeout", None))
     m = result.manifest
     reasons: dict[str, int] = {}
     for s in m.skipped:

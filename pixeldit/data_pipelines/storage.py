@@ -16,6 +16,7 @@ happen: ours through the caller's hook, the S3 client's own through botocore's e
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import mmap
 import os
@@ -87,9 +88,22 @@ _TRANSIENT_STATUS = {408, 429}
 _TRANSIENT_ERRNO = {errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
                     errno.ECONNABORTED, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH,
                     errno.EPIPE, errno.EREMOTEIO}
+
+
+def _gcs_http_error() -> tuple[type, ...]:
+    """gcsfs's HTTP error (a plain Exception carrying the status as `.code`), when gcsfs is
+    installed: gs:// is optional (`pixeldit[gcs]`), and without gcsfs no such error is raised."""
+    try:
+        from gcsfs.retry import HttpError
+    except ImportError:
+        return ()
+    return (HttpError,)
+
+
+_GCS_HTTP_ERROR = _gcs_http_error()
 # what a storage call can raise; anything else (a TypeError, a KeyError) is a bug and keeps its traceback
 STORAGE_EXCEPTIONS = (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
-                      aiohttp.ClientError)
+                      aiohttp.ClientError, *_GCS_HTTP_ERROR)
 _CREDENTIALS = (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError,
                 botocore.exceptions.CredentialRetrievalError)
 _CLIENT_TRANSIENT = (botocore.exceptions.HTTPClientError, botocore.exceptions.ConnectionError,
@@ -106,12 +120,36 @@ def _http_status_and_code(error: BaseException) -> tuple[int | None, str | None]
             return response.get("ResponseMetadata", {}).get("HTTPStatusCode"), response.get("Error", {}).get("Code")
         if isinstance(error, aiohttp.ClientResponseError):
             return error.status, None
+        if isinstance(error, _GCS_HTTP_ERROR) and isinstance(getattr(error, "code", None), int):
+            return error.code, None
         error = error.__cause__
     return None
 
 
 def _transient_http(status: int | None, code: str | None) -> bool:
     return code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS or (status or 0) >= 500
+
+
+def _refused(error: BaseException | None) -> bool:
+    """Whether the connection was refused (nothing listens at the endpoint), however wrapped:
+    botocore's EndpointConnectionError keeps the ConnectionRefusedError as its context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ConnectionRefusedError) or getattr(error, "errno", None) == errno.ECONNREFUSED:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _access_fix(url: str) -> str:
+    protocol = protocol_of(url)
+    if protocol in ("gs", "gcs"):
+        return ("check the Google credentials (GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth "
+                "application-default login`) and the bucket's IAM permissions")
+    if protocol in ("http", "https"):
+        return "check that the URL is public or give its credentials in the storage options"
+    return "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket's policy"
 
 
 def describe(error: BaseException) -> str:
@@ -121,7 +159,11 @@ def describe(error: BaseException) -> str:
         status, code = http
         return " ".join(str(x) for x in ("HTTP", status, code) if x is not None)
     text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+    if not text and error.__cause__ is not None:  # fsspec's FSTimeoutError says nothing; what it wraps does
+        return describe(error.__cause__)
+    text = f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+    # an endpoint that refuses is retried (it may be restarting), so the warnings must say so plainly
+    return f"connection refused ({text})" if _refused(error) else text
 
 
 def classify(error: BaseException, url: str) -> StorageError | None:
@@ -136,18 +178,18 @@ def classify(error: BaseException, url: str) -> StorageError | None:
             return ObjectNotFound(f"{url}: not found ({cause}); check the URL (data.source) and that it was "
                                   f"written completely (`pixeldit shards verify`)")
         if code in _DENIED_CODES or status in (401, 403):
-            return AccessDenied(f"{url}: access denied ({cause}); check the credentials (AWS_ACCESS_KEY_ID / "
-                                f"AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket's policy")
+            return AccessDenied(f"{url}: access denied ({cause}); {_access_fix(url)}")
         if _transient_http(status, code):
             return TransientError(f"{url}: {cause}")
-        return PermanentStorageError(f"{url}: refused ({cause})")
+        return PermanentStorageError(f"{url}: refused ({cause}), which no retry cures; check the URL and the "
+                                     f"storage settings (data.endpoint_url / AWS_ENDPOINT_URL, region, options)")
     if isinstance(error, _CREDENTIALS):
         return AccessDenied(f"{url}: no usable credentials ({cause}); set AWS_ACCESS_KEY_ID and "
                             f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for the endpoint in data.endpoint_url "
                             f"or AWS_ENDPOINT_URL")
     if isinstance(error, botocore.exceptions.NoRegionError):
         return PermanentStorageError(f"{url}: {cause}; set AWS_DEFAULT_REGION")
-    if isinstance(error, (*_CLIENT_TRANSIENT, TimeoutError, ConnectionError)):
+    if isinstance(error, (*_CLIENT_TRANSIENT, TimeoutError, ConnectionError)):  # refused: the endpoint may restart
         return TransientError(f"{url}: {cause}")
     if isinstance(error, FileNotFoundError):
         return ObjectNotFound(f"{url}: not found; check the URL (data.source) and that it was written "
@@ -157,12 +199,9 @@ def classify(error: BaseException, url: str) -> StorageError | None:
     if isinstance(error, OSError):
         if error.errno in _TRANSIENT_ERRNO:
             return TransientError(f"{url}: {cause}")
-        return PermanentStorageError(f"{url}: {cause}")
+        return PermanentStorageError(f"{url}: {cause}, which no retry cures; check that the path is readable "
+                                     f"and its disk or mount healthy (read it by hand), then rerun")
     return None
-
-
-def is_transient(error: BaseException, url: str = "") -> bool:
-    return isinstance(classify(error, url), TransientError)
 
 
 # ------------------------------------------------------------------------------------- retries
@@ -369,6 +408,13 @@ def filesystem(url: str, options: dict | None = None):
 def _open_filesystem(protocol: str, options: dict, timeout: float, retries: int):
     if protocol in ("file", "local"):
         return fsspec.filesystem(protocol, **options)
+    if protocol in ("http", "https"):
+        # aiohttp's default waits 5 minutes in all and forever on a silent socket once connected;
+        # fsspec's HTTP filesystem does not retry, so one request may take a fifth of the deadline
+        per_request = request_timeout(timeout, 0)
+        options["client_kwargs"] = {
+            "timeout": aiohttp.ClientTimeout(total=None, connect=per_request, sock_read=per_request),
+            **options.get("client_kwargs", {})}
     if protocol != "s3":
         # skip_instance_cache: fsspec's own cache would hand a forked child its parent's instance
         return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
@@ -389,6 +435,10 @@ def _open_filesystem(protocol: str, options: dict, timeout: float, retries: int)
 
 
 def strip_protocol(url: str) -> str:
+    """The path a filesystem of `url`'s protocol takes: without the protocol, except for HTTP,
+    whose filesystem takes whole URLs."""
+    if protocol_of(url) in ("http", "https"):
+        return url
     return url.split("://", 1)[1] if "://" in url else url
 
 
@@ -421,6 +471,44 @@ class MappedFile:
 
     def __exit__(self, *exc):
         return False
+
+
+class RangedFile(io.RawIOBase):
+    """A remote object read by ranged requests (`cat_file(path, start, end)`), one per read.
+
+    s3fs's own file object turns a read timeout into an IndexError (its `_fetch_range` reads
+    `args[0]` of any OSError, and fsspec's FSTimeoutError has none): an endpoint silent in the
+    middle of a shard became a bug's traceback instead of a transient failure retried until the
+    deadline. Wrap it in io.BufferedReader for many small reads.
+    """
+
+    def __init__(self, fs, url: str):
+        super().__init__()
+        self.fs, self.path = fs, strip_protocol(url)
+        self.size = fs.size(self.path)
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        end = min(self.pos + len(buffer), self.size)
+        if end <= self.pos:
+            return 0
+        data = self.fs.cat_file(self.path, start=self.pos, end=end)
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 def is_local(url: str) -> bool:
