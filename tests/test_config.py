@@ -186,3 +186,63 @@ def test_a_batch_the_ranks_cannot_share_is_refused_with_what_would_work():
     # the suggestions work
     assert cfg.train.layout(32).per_rank == 8 and cfg.train.layout(64).per_rank == 4
     assert load_config(None, ["train.global_batch=288"]).train.layout(48).per_rank == 6
+
+
+def test_a_rule_broken_by_a_set_names_the_set_not_the_file(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT_CONFIG, ["train.steps=5", "model.patch_size=5"])
+    assert str(e.value) == ("--set model.patch_size=5: data.image_size=32 is not divisible by the model's "
+                            "patch size 5")
+    # the file's own rule breaks name the file, even with overrides that have nothing to do with them
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  patch_size: 5\n")
+    with pytest.raises(ConfigError, match=r"^.*bad\.yaml: data\.image_size=32 is not divisible"):
+        load_config(bad, ["train.steps=5"])
+    # a value one override breaks and a later one repairs is the user's final intent: accepted
+    cfg = load_config(None, ["model.patch_size=5", "data.image_size=40"])
+    assert (cfg.model.patch_size, cfg.data.image_size) == (5, 40)
+
+
+def test_the_cli_names_the_set_that_broke_a_rule():
+    out = subprocess.run([sys.executable, "-m", "pixeldit", "config", "--config", str(DEFAULT_CONFIG), "--set",
+                          "model.patch_size=5"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == ("pixeldit config: error: --set model.patch_size=5: data.image_size=32 is not divisible "
+                          "by the model's patch size 5\n")
+
+
+@pytest.mark.parametrize("given", ["configs/imagenet256/pixeldit_xl.yaml", "imagenet256/pixeldit_xl.yaml"])
+def test_a_shipped_config_loads_from_any_folder(tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(given) == load_config(DEFAULT_CONFIG.parent / "imagenet256" / "pixeldit_xl.yaml")
+    # a file of that name in the working directory is the user's and wins over the shipped one
+    mine = tmp_path / given
+    mine.parent.mkdir(parents=True)
+    mine.write_text("train:\n  steps: 7\n")
+    assert load_config(given).train.steps == 7
+    with pytest.raises(ConfigError, match="config file not found: nowhere/x.yaml"):
+        load_config("nowhere/x.yaml")
+
+
+def test_a_per_rank_batch_without_a_divisor_near_the_limit_warns_once(caplog):
+    from pixeldit.platform import batch_layout as layouts
+
+    layouts._warned.clear()
+    with caplog.at_level("WARNING", logger=layouts.__name__):
+        for _ in range(3):  # the trainer, the strategy and the loader each ask
+            layout = layouts.batch_layout(74, "auto", 2)
+    assert (layout.per_rank, layout.micro_batch, layout.accumulation) == (37, 1, 37)
+    assert [r.getMessage() for r in caplog.records] == [
+        "train.global_batch=74 over 2 rank(s) is 37 per rank, whose largest divisor within the micro batch limit "
+        "of 32 (train.micro_batch) is 1: 37 micro-batches of 1 per step, slower than need be; "
+        "train.global_batch=76 would run micro-batches of 19"]
+    suggested = layouts.batch_layout(76, "auto", 2)
+    assert suggested.micro_batch == 19
+    # a limit that does not divide the per-rank batch shrinks the micro-batch; far below it, that is said too
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=layouts.__name__):
+        assert layouts.batch_layout(22, 8, 1).micro_batch == 2
+        assert layouts.batch_layout(48, 32, 1).micro_batch == 24  # half the limit or more: fine, no warning
+        assert layouts.batch_layout(256, "auto", 32).micro_batch == 8  # the whole per-rank batch: no warning
+    assert len(caplog.records) == 1 and "train.global_batch=22 over 1 rank(s)" in caplog.records[0].getMessage()
+    assert "micro-batches of 7" in caplog.records[0].getMessage()

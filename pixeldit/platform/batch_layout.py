@@ -13,9 +13,12 @@ what would work.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..errors import LaunchError
+
+log = logging.getLogger(__name__)
 
 # `train.micro_batch: auto` takes the largest divisor of the per-rank batch up to this. 32 is
 # the paper's per-GPU batch at 256 px (256 = 32 x 8 GPUs); a GPU that runs out of memory there
@@ -56,8 +59,34 @@ def batch_layout(global_batch: int, micro_batch: int | str, world: int,
         raise LaunchError(_refusal(global_batch, world, per_node))
     per_rank = global_batch // world
     limit = micro_batch_limit(micro_batch)
-    micro = max(d for d in range(1, min(limit, per_rank) + 1) if per_rank % d == 0)
+    micro = _micro(per_rank, limit)
+    if micro < limit / 2 and micro < per_rank:
+        _warn_small_micro_batch(global_batch, world, per_rank, micro, limit)
     return BatchLayout(world=world, per_rank=per_rank, micro_batch=micro, accumulation=per_rank // micro)
+
+
+def _micro(per_rank: int, limit: int) -> int:
+    """The largest divisor of the per-rank batch within the limit (equal micro-batches)."""
+    return max(d for d in range(1, min(limit, per_rank) + 1) if per_rank % d == 0)
+
+
+_warned: set[tuple[int, int, int]] = set()
+
+
+def _warn_small_micro_batch(global_batch: int, world: int, per_rank: int, micro: int, limit: int):
+    """Once per process and layout (the trainer, the strategy and the loader each ask): a per-rank batch
+    with no divisor near the limit (a prime, say) runs many small micro-batches, slow but correct. The
+    words are the same on every rank; the nearest global batch with micro-batches of at least half the
+    limit is named."""
+    if (global_batch, world, limit) in _warned:
+        return
+    _warned.add((global_batch, world, limit))
+    better = min((p for p in range(1, 2 * per_rank + limit) if _micro(p, limit) >= limit / 2),
+                 key=lambda p: (abs(p - per_rank), -p))
+    log.warning("train.global_batch=%d over %d rank(s) is %d per rank, whose largest divisor within the micro "
+                "batch limit of %d (train.micro_batch) is %d: %d micro-batches of %d per step, slower than need "
+                "be; train.global_batch=%d would run micro-batches of %d", global_batch, world, per_rank, limit,
+                micro, per_rank // micro, micro, better * world, _micro(better, limit))
 
 
 def _refusal(global_batch: int, world: int, per_node: int | None) -> str:

@@ -513,45 +513,62 @@ def _apply_override(tree: dict, assignment: str):
             node = node[part]
 
 
-def _blame(error: ConfigError, path: Path, overrides) -> str:
-    """What caused a rule's failure: the last --set whose key the message names, else the file."""
-    for assignment in reversed(overrides):
-        key = assignment.split("=", 1)[0].strip()
-        if key and key in str(error):
-            return f"--set {assignment}"
-    return str(path)
+def resolve_config_path(path: str | Path) -> Path:
+    """`path` as given when it exists (relative to the working directory); else a relative path is looked
+    up in the package's config folder, with or without its `configs/` prefix, so that
+    `configs/imagenet256/pixeldit_xl.yaml` and `imagenet256/pixeldit_xl.yaml` work from any folder."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    shipped = CONFIG_DIR.joinpath(*parts) if parts else None
+    return shipped if shipped is not None and shipped.is_file() else path
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """YAML file (default: the embedded demo config) + `a.b=value` overrides -> checked Config.
 
-    The file is read and typed first (its errors name the file); each override then sets one path
-    of the full config (list items by index: `schedule.stages[0].lr`), and its errors name the
-    `--set`. The cross-section rules run last, on the result.
+    A relative path missing from the working directory is looked up among the shipped configs
+    (`resolve_config_path`). The file alone is built and checked first: its errors name the file.
+    Each override then sets one path of the full config (list items by index:
+    `schedule.stages[0].lr`); its typing errors name that `--set`. The rules run on the final
+    result, and when it breaks one the first `--set` after which the rules fail is named (so a value
+    one override breaks and a later one repairs is accepted).
     """
-    path = Path(path) if path else DEFAULT_CONFIG
+    path = resolve_config_path(path) if path else DEFAULT_CONFIG
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path} (a path from the working directory, or a shipped "
+                          f"config such as configs/imagenet256/pixeldit_xl.yaml)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; give a YAML file, e.g. {path}/pixeldit_xl.yaml") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     try:
-        cfg = _build(Config, tree, "")
+        cfg = _build(Config, tree, "").check()
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    if overrides:
-        full = cfg.to_dict()
-        for assignment in overrides:
-            _apply_override(full, assignment)
-            try:
-                cfg = _build(Config, full, "")
-            except ConfigError as e:
-                raise ConfigError(f"--set {assignment}: {e}") from None
+    stages = []  # (assignment, the config after it)
+    full = cfg.to_dict()
+    for assignment in overrides:
+        _apply_override(full, assignment)
+        try:
+            stages.append((assignment, _build(Config, full, "")))
+        except ConfigError as e:
+            raise ConfigError(f"--set {assignment}: {e}") from None
+    if not stages:
+        return cfg
     try:
-        return cfg.check()
-    except ConfigError as e:
-        raise ConfigError(f"{_blame(e, path, overrides)}: {e}") from None
+        return stages[-1][1].check()
+    except ConfigError:
+        pass
+    for assignment, partial in stages:
+        try:
+            partial.check()
+        except ConfigError as e:
+            raise ConfigError(f"--set {assignment}: {e}") from None
+    raise AssertionError("the final config failed its checks but no prefix of the overrides did")
 
 
 def config_from_dict(tree: dict) -> Config:
