@@ -7,12 +7,17 @@ Each verb parses its own arguments and imports its heavy modules lazily, so
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
 
 def _add_config_args(parser: argparse.ArgumentParser):
-    parser.add_argument("--config", default=None, help="YAML config (default: the embedded demo config)")
+    parser.add_argument("--config", default=None,
+                        help="YAML config (default: the embedded demo config); a relative path that is not found "
+                             "from the working directory is looked up among the shipped configs, so "
+                             "configs/imagenet256/pixeldit_xl.yaml or imagenet256/pixeldit_xl.yaml work from any "
+                             "folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set schedule.stages[0].lr=5e-5 or "
                              "--set train.steps=100 (repeatable)")
@@ -170,6 +175,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _newest_saved_step(cfg, run_dir: str | None) -> int | None:
+    """The step of the run's newest complete checkpoint (every rank's files and the commit marker), None
+    when there is none yet."""
+    from pixeldit.errors import CheckpointError
+    from pixeldit.platform import checkpoint
+
+    c = cfg.checkpoint
+    root = (c.dir or os.path.join(run_dir or cfg.train.run_dir, "checkpoints")).rstrip("/")
+    checkpoint.register_root(root, {"endpoint_url": c.endpoint_url} if c.endpoint_url else {})
+    try:
+        found = checkpoint.latest_complete(root)
+    except CheckpointError:  # a damaged run directory; the trainers' own output says what is wrong
+        return None
+    return found[1]["step"] if found else None
+
+
 def cmd_launch(args) -> int:
     import shlex
     import signal
@@ -178,12 +199,16 @@ def cmd_launch(args) -> int:
     from pixeldit import launchers
     from pixeldit.platform.config import load_config
 
-    launch = launchers.plan(args.launcher, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
-                            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-                            hostfile=args.hostfile, train_args=args.train_args)
+    train_args = list(args.train_args)
+    if debug_enabled(args) and "--debug" not in train_args:
+        # on the command line of every rank, so it reaches ranks on other nodes too (pdsh, srun)
+        train_args.insert(0, "--debug")
+    launch = launchers.resolve_launch(args.launcher, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
+                                      node_rank=args.node_rank, master_addr=args.master_addr,
+                                      master_port=args.master_port, hostfile=args.hostfile, train_args=train_args)
     # the config the launched processes will load, checked here: a batch the ranks cannot share fails
     # in this terminal, not minutes into an allocation
-    train = build_parser().parse_args(["train", *args.train_args])
+    train = build_parser().parse_args(["train", *train_args])
     cfg = load_config(train.config, train.overrides)
     cfg.train.layout(launch.world, per_node=launch.nproc_per_node)
     if args.launcher == "slurm":
@@ -196,24 +221,34 @@ def cmd_launch(args) -> int:
     print(" ".join(shlex.quote(c) for c in cmd), flush=True)
     if args.print_only:
         return 0
-    process = subprocess.Popen(cmd)
-    interrupted = False
+    env = dict(os.environ, PIXELDIT_DEBUG="1") if debug_enabled(args) else None
+    process = subprocess.Popen(cmd, env=env)
+    saved_before_stop: list[int | None] = []  # the newest complete checkpoint when the first Ctrl-C came
     while True:
         try:
             code = process.wait()
-            return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + N
+            break
         except KeyboardInterrupt:
             # the launcher passes the Ctrl-C on and the training processes save and exit: wait for them
             # rather than kill the launcher under them
-            if interrupted and args.launcher == "torchrun":
+            if saved_before_stop and args.launcher == "torchrun":
                 # torchrun starts each worker in a session of its own and passes on only the first
                 # Ctrl-C; the second aborts the workers, as it does a plain `pixeldit train`
                 for pid in launchers.child_pids(process.pid):
                     os.kill(pid, signal.SIGINT)
-            elif not interrupted:
+            elif not saved_before_stop:
                 print("pixeldit launch: Ctrl-C: waiting for the training processes to save and exit "
                       "(Ctrl-C again aborts them)", file=sys.stderr, flush=True)
-            interrupted = True
+                saved_before_stop.append(_newest_saved_step(cfg, train.run_dir))
+    if code != 0 and saved_before_stop:
+        # torchrun re-raises the stop signal after its workers have exited, so it ends with 1 even when
+        # every rank saved; a complete checkpoint newer than the one at the Ctrl-C is the stop's save
+        saved = _newest_saved_step(cfg, train.run_dir)
+        if saved is not None and saved != saved_before_stop[0]:
+            print(f"pixeldit launch: stopped on Ctrl-C at step {saved}, every rank saved; the same command "
+                  f"resumes from it", file=sys.stderr, flush=True)
+            return 0
+    return 128 - code if code < 0 else code
 
 
 def cmd_sample(args) -> int:
@@ -254,14 +289,28 @@ def package_version() -> str:
         return "(not installed: pip install -e .)"
 
 
+DEBUG_HELP = "show the full traceback of user errors too (or set PIXELDIT_DEBUG=1)"
+
+
+def _debug_parent() -> argparse.ArgumentParser:
+    """--debug for every verb, so it works after the verb as well as before it; SUPPRESS keeps a verb's
+    parser from overwriting a --debug given before the verb with its own default."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    return parent
+
+
+def add_verb(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+    return subparsers.add_parser(name, parents=[_debug_parent()], **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixeldit", description="PixelDiT training platform")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of user errors too (or set PIXELDIT_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    info = verbs.add_parser("info", help="parameters and FLOPs of a model")
+    info = add_verb(verbs, "info", help="parameters and FLOPs of a model")
     info.add_argument("model", help="pixeldit-b | pixeldit-l | pixeldit-xl | pixeldit-tiny | pixeldit-small")
     info.add_argument("--resolution", type=int, default=256)
     info.add_argument("--encoder-dim", type=int, default=768, help="REPA target width (768: DINOv2-B)")
@@ -269,12 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="architecture override, e.g. --set variant=dit")
     info.set_defaults(func=cmd_info)
 
-    train = verbs.add_parser("train", help="train (resumes from the run directory's latest checkpoint)")
+    train = add_verb(verbs, "train", help="train (resumes from the run directory's latest checkpoint)")
     _add_config_args(train)
     train.add_argument("--run-dir", default=None, help="override train.run_dir")
     train.set_defaults(func=cmd_train)
 
-    launch = verbs.add_parser("launch", help="build (and run) a torchrun / deepspeed / SLURM launch of `train`",
+    launch = add_verb(verbs, "launch", help="build (and run) a torchrun / deepspeed / SLURM launch of `train`",
                               description="pixeldit launch LAUNCHER [options] -- TRAIN ARGUMENTS: the config and "
                                           "--set overrides after `--` are loaded and the batch layout checked "
                                           "against nodes x processes before anything starts")
@@ -296,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--print", dest="print_only", action="store_true", help="print the command, do not run it")
     launch.set_defaults(func=cmd_launch)
 
-    export = verbs.add_parser("export", help="consolidate a checkpoint into one safetensors file")
+    export = add_verb(verbs, "export", help="consolidate a checkpoint into one safetensors file")
     export.add_argument("checkpoint", help="run directory, checkpoints folder or step_NNNNNNNN folder")
     export.add_argument("out", help="output .safetensors")
     export.set_defaults(func=cmd_export)
@@ -304,19 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     from pixeldit.data_pipelines.repa_arguments import add_repa_cache_arguments
     from pixeldit.evaluation.evaluate_arguments import add_evaluate_arguments
     from pixeldit.evaluation.sample_arguments import add_sample_arguments
-    sample = verbs.add_parser("sample", help="sample images to an ADM .npz (one process or many under torchrun)")
+    sample = add_verb(verbs, "sample", help="sample images to an ADM .npz (one process or many under torchrun)")
     add_sample_arguments(sample)
     sample.set_defaults(func=cmd_sample)
 
-    evaluate = verbs.add_parser("evaluate", help="FID / sFID / IS / precision-recall of samples against a reference")
+    evaluate = add_verb(verbs, "evaluate", help="FID / sFID / IS / precision-recall of samples against a reference")
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
-    repa = verbs.add_parser("repa-cache", help="DINOv2 feature shards mirroring image shards (REPA targets)")
+    repa = add_verb(verbs, "repa-cache", help="DINOv2 feature shards mirroring image shards (REPA targets)")
     add_repa_cache_arguments(repa)
     repa.set_defaults(func=cmd_repa_cache)
 
-    plan = verbs.add_parser("plan", help="memory per rank, micro batch, time, cost, checkpoint and data rates "
+    plan = add_verb(verbs, "plan", help="memory per rank, micro batch, time, cost, checkpoint and data rates "
                                          "of a config on N GPUs, per strategy (docs/planning.md)")
     _add_config_args(plan)
     plan.add_argument("--gpus", type=_positive_int, required=True, help="GPUs (ranks) in the run")
@@ -332,20 +381,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="the plan as JSON")
     plan.set_defaults(func=cmd_plan)
 
-    config = verbs.add_parser("config", help="print the resolved config as YAML")
+    config = add_verb(verbs, "config", help="print the resolved config as YAML")
     _add_config_args(config)
     config.add_argument("--out", default=None, help="write the YAML here instead of printing it")
     config.set_defaults(func=cmd_config)
 
-    shards = verbs.add_parser("shards", help="write, verify, index or synthesise WebDataset shards")
+    shards = add_verb(verbs, "shards", help="write, verify, index or synthesise WebDataset shards")
     actions = shards.add_subparsers(dest="action", required=True)
-    write = actions.add_parser("write", help="SRC (class folders or a 'path label' list) -> DST shards")
+    write = add_verb(actions, "write", help="SRC (class folders or a 'path label' list) -> DST shards")
     write.add_argument("src")
     write.add_argument("dst", help="local folder or fsspec URL (s3://bucket/prefix, gs://...)")
     write.add_argument("--size", type=int, default=None, help="ADM centre crop to SIZE x SIZE (default: keep originals)")
     write.add_argument("--format", default="jpg", choices=["jpg", "png", "webp"], help="format of re-encoded images")
     write.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
-    synth = actions.add_parser("synthetic", help="a small class-conditional demo set (coloured shapes)")
+    synth = add_verb(actions, "synthetic", help="a small class-conditional demo set (coloured shapes)")
     synth.add_argument("dst")
     synth.add_argument("--classes", type=int, default=10)
     synth.add_argument("--per-class", type=int, default=100)
@@ -355,10 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--shard-size", default=None, help="target bytes per shard, e.g. 500MB")
         p.add_argument("--workers", type=int, default=0, help="decode/encode processes")
         p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
-    verify = actions.add_parser("verify", help="check a manifest against its shards")
+    verify = add_verb(actions, "verify", help="check a manifest against its shards")
     verify.add_argument("url")
     verify.add_argument("--decode", action="store_true", help="also decode every image")
-    index = actions.add_parser("index", help="manifest + DALI indexes for existing WebDataset shards (no rewrite)")
+    index = add_verb(actions, "index", help="manifest + DALI indexes for existing WebDataset shards (no rewrite)")
     index.add_argument("pattern", metavar="URL_PREFIX_OR_BRACE_PATTERN",
                        help="s3://b/train-{000000..000099}.tar, a folder, or a name prefix (its *.tar files)")
     index.add_argument("--out", default=None,
@@ -392,6 +441,39 @@ def report_user_error(verb: str, error: BaseException) -> str:
     return line
 
 
+def _embeddings(argv: list[str], tokens: list[str], end: int | None = None):
+    """Every way `tokens` sits in `argv` as an ordered subsequence (index tuples), rightmost first: the
+    train arguments of a forgotten `--` usually close the command line."""
+    end = len(argv) if end is None else end
+    if not tokens:
+        yield ()
+        return
+    for i in range(end - 1, len(tokens) - 2, -1):
+        if argv[i] == tokens[-1]:
+            for head in _embeddings(argv, tokens[:-1], i):
+                yield (*head, i)
+
+
+def _launcher_arguments(parser, argv: list[str], unknown: list[str], args) -> list[str]:
+    """`argv` without the tokens argparse did not recognise, found by position: the same text can also be
+    one of the launcher's own values (`--nnodes 2 ... --workers 2`). A candidate is the one whose remaining
+    arguments parse to the same launcher options with nothing left over."""
+    import contextlib
+    import io
+    first = None
+    for positions in itertools.islice(_embeddings(argv, unknown), 64):
+        rest = [token for i, token in enumerate(argv) if i not in positions]
+        first = first or rest
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                again, left = parser.parse_known_args(rest)
+        except SystemExit:  # argparse refused this split
+            continue
+        if not left and vars(again) == vars(args):
+            return rest
+    return first or list(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `pixeldit launch ... -- <train arguments>`: everything after -- belongs to the launched train
@@ -401,9 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.verb == "launch":
         # a forgotten `--`: the train arguments were read as the launcher's own
-        rest = list(argv)
-        for token in unknown:
-            rest.remove(token)
+        rest = _launcher_arguments(parser, argv, unknown, args)
         print(f"pixeldit launch: error: unrecognized arguments: {' '.join(unknown)}; put the train arguments "
               f"after `--`: pixeldit {' '.join(rest)} -- {' '.join([*unknown, *train_args])}", file=sys.stderr)
         return 2

@@ -10,10 +10,12 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 
 from pixeldit.cli import main
-from pixeldit.launchers import SHUTDOWN_TIMEOUT_S, SIGNAL_LEAD_S, Launch, plan, slurm_script
+from pixeldit.errors import PixelDiTError
+from pixeldit.launchers import SHUTDOWN_TIMEOUT_S, SIGNAL_LEAD_S, Launch, resolve_launch, slurm_script
 from tests.dist import free_port
 
 XL = "configs/imagenet256/pixeldit_xl.yaml"
@@ -107,6 +109,32 @@ def test_a_forgotten_double_dash_gets_a_hint(capsys):
                            "after `--`: pixeldit launch torchrun --nproc-per-node 2 -- --config x.yaml")
 
 
+def test_the_double_dash_hint_keeps_the_launchers_own_arguments_in_place(capsys):
+    # "2" is both the launcher's --nnodes value and a train value: the hint goes by position, not text
+    code, out, err = _launch(capsys, "launch", "torchrun", "--nnodes", "2", "--master-addr", "h", "--debug",
+                             "--set", "train.steps=2", "--nproc-per-node", "2")
+    assert code == 2 and out == ""
+    # --debug is the launcher's own option too (it passes it on), so it stays before `--`
+    assert err.strip().endswith("put the train arguments after `--`: pixeldit launch torchrun --nnodes 2 "
+                                "--master-addr h --debug --nproc-per-node 2 -- --set train.steps=2"), err
+    code, out, err = _launch(capsys, "launch", "torchrun", "--workers", "2", "--nproc-per-node", "2")
+    assert err.strip().endswith("pixeldit launch torchrun --nproc-per-node 2 -- --workers 2"), err
+
+
+def test_launch_debug_reaches_every_rank_and_works_after_any_verb(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("PIXELDIT_DEBUG", raising=False)
+    for argv in (["--debug", "launch"], ["launch", "--debug"]):
+        code, out, _ = _launch(capsys, *argv, "torchrun", "--print", "--", "--config", XL)
+        assert code == 0 and f"-m pixeldit train --debug --config {XL}" in out, out
+    # after the verb it shows the traceback (the error propagates) instead of the one line
+    with pytest.raises(PixelDiTError):
+        main(["export", "--debug", str(tmp_path / "missing"), str(tmp_path / "out.safetensors")])
+    with pytest.raises(PixelDiTError):
+        main(["config", "--debug", "--set", "model.patch_size=5"])
+    code, _, err = _launch(capsys, "config", "--set", "model.patch_size=5")
+    assert code == 2 and err.startswith("pixeldit config: error: --set model.patch_size=5:")
+
+
 def test_multi_node_torchrun_needs_a_master_address(capsys):
     code, out, err = _launch(capsys, "launch", "torchrun", "--nnodes", "2", "--print")
     assert code == 2 and out == "" and "torchrun --nnodes 2: give --master-addr" in err
@@ -162,38 +190,87 @@ def test_deepspeed_hostfile_is_checked_against_nodes_and_processes(tmp_path, cap
 def test_plan_uses_the_first_hosts_of_a_longer_hostfile(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(HOSTFILE)
-    launch = plan("deepspeed", nnodes=2, hostfile=str(hostfile))
+    launch = resolve_launch("deepspeed", nnodes=2, hostfile=str(hostfile))
     assert (launch.nnodes, launch.nproc_per_node, launch.master_addr, launch.world) == (2, 8, "gpu-a", 16)
-    assert plan("torchrun").master_addr == "127.0.0.1"
+    assert resolve_launch("torchrun").master_addr == "127.0.0.1"
+
+
+def test_a_hostfile_that_is_a_folder_or_unreadable_is_one_line(tmp_path, capsys):
+    code, out, err = _launch(capsys, "launch", "deepspeed", "--hostfile", str(tmp_path), "--print")
+    assert code == 2 and out == "" and err.startswith(f"pixeldit launch: error: --hostfile {tmp_path} is a folder")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(HOSTFILE)
+    hostfile.chmod(0)
+    try:
+        if os.access(hostfile, os.R_OK):
+            pytest.skip("running as root: permissions do not stop this process from reading the file")
+        code, out, err = _launch(capsys, "launch", "deepspeed", "--hostfile", str(hostfile), "--print")
+        assert code == 2 and out == "" and "cannot be read (permission denied)" in err
+    finally:
+        hostfile.chmod(0o644)
 
 
 # ---------------------------------------------------------------- the SLURM script, run by bash
 
+# srun as SLURM's srun behaves where it matters (src/srun srun_job.c, its signal thread): it stays the
+# parent of its tasks, answers a SIGTERM / SIGHUP / SIGQUIT of its own with SIGKILL to every task
+# ("forcing job termination") and passes other signals (USR1, ...) on. step.pid is the task's pid.
 FAKE_SRUN = """#!/bin/bash
-# srun's own options end where the command begins
-while [[ "$1" == --* ]]; do shift; done
-echo $$ > "$FAKE_SLURM/step.pid"
-exec "$@"
+exec "$FAKE_PYTHON" -c '
+import os, signal, subprocess, sys, psutil
+args = sys.argv[1:]
+while args and args[0].startswith("--"):  # srun options end where the command begins
+    args.pop(0)
+task = subprocess.Popen(args)
+pid_file = os.environ["FAKE_SLURM"] + "/step.pid"
+open(pid_file + ".tmp", "w").write(str(task.pid))
+os.replace(pid_file + ".tmp", pid_file)
+def forward(signum, frame):
+    kill = signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    if kill:
+        print("srun: forcing job termination", file=sys.stderr, flush=True)
+    try:
+        processes = [psutil.Process(task.pid), *psutil.Process(task.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in processes:
+        try:
+            p.send_signal(signal.SIGKILL if kill else signum)
+        except psutil.NoSuchProcess:
+            pass
+for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2"):
+    signal.signal(getattr(signal, name), forward)
+code = task.wait()
+sys.exit(128 - code if code < 0 else code)
+' "$@"
 """
-# SLURM signals every process of the job's steps (not the batch shell): here, the step's process tree
+# `scancel --signal=SIG` (no --batch / --full) signals every process of the job's steps, but not the
+# batch step: neither the job script nor srun; here, the task's process tree
 FAKE_SCANCEL = """#!/bin/bash
 echo "scancel $*" >> "$FAKE_SLURM/calls"
 exec "$FAKE_PYTHON" -c '
 import os, signal, sys, psutil
 name = [a for a in sys.argv[1:] if a.startswith("--signal=")][0].split("=")[1]
-step = psutil.Process(int(open(os.environ["FAKE_SLURM"] + "/step.pid").read()))
-for p in [step, *step.children(recursive=True)]:
+task = psutil.Process(int(open(os.environ["FAKE_SLURM"] + "/step.pid").read()))
+for p in [task, *task.children(recursive=True)]:
     p.send_signal(getattr(signal, "SIG" + name))
 ' "$@"
 """
+# `scontrol show job` reports PreemptTime once SLURM has chosen the job for preemption
 FAKE_SCONTROL = """#!/bin/bash
 echo "scontrol $*" >> "$FAKE_SLURM/calls"
-if [ "$1" = show ]; then echo 127.0.0.1; fi
+if [ "$1 $2" = "show hostnames" ]; then echo 127.0.0.1; fi
+if [ "$1 $2" = "show job" ]; then
+    if [ -e "$FAKE_SLURM/preempted" ]; then when=2026-12-01T03:00:00; else when=None; fi
+    echo "JobId=$3 JobState=RUNNING PreemptEligibleTime=2026-12-01T02:00:00 PreemptTime=$when"
+fi
 """
-# stands in for torchrun: on SIGTERM it "saves" and exits 1, as torchrun does after a stop signal
+# stands in for torchrun: on SIGTERM it "saves" (which takes a moment, as a real save does) and exits 1,
+# as torchrun does after a stop signal
 FAKE_TORCHRUN = """
 import os, signal, sys, time
 def stop(signum, frame):
+    time.sleep(float(os.environ.get("FAKE_SAVE_S", "1")))
     open(os.environ["FAKE_SLURM"] + "/saved", "w").write("saved")
     sys.exit(1)
 signal.signal(signal.SIGTERM, stop)
@@ -231,8 +308,8 @@ def _calls(fake):
     return (fake / "calls").read_text().splitlines() if (fake / "calls").exists() else []
 
 
-@pytest.mark.parametrize("signal_to_shell", ["USR1", "TERM"])
-def test_slurm_script_stops_saves_and_requeues(tmp_path, signal_to_shell):
+@pytest.mark.parametrize("event", ["time-limit", "preemption"])
+def test_slurm_script_stops_saves_and_requeues(tmp_path, event):
     fake, env = _fake_slurm(tmp_path, python_shim=True)
     script = tmp_path / "job.sbatch"
     script.write_text(slurm_script(Launch(nnodes=1, nproc_per_node=1, train_args=["--config", XL])))
@@ -240,24 +317,50 @@ def test_slurm_script_stops_saves_and_requeues(tmp_path, signal_to_shell):
                            stderr=subprocess.STDOUT)
     try:
         _wait_for(fake / "running", job)
-        if signal_to_shell == "USR1":  # the time-limit warning, to the batch shell only
+        _wait_for(fake / "step.pid", job)
+        if event == "time-limit":  # sbatch --signal=B:USR1: the warning goes to the batch shell only
             job.send_signal(signal.SIGUSR1)
-        else:  # preemption or scancel: SLURM signals the step and the batch shell
-            os.kill(int((fake / "step.pid").read_text()), signal.SIGTERM)
-            job.send_signal(signal.SIGTERM)
+        else:  # a GraceTime preemption: SIGCONT + SIGTERM to the steps' processes, not the batch step's
+            (fake / "preempted").write_text("")
+            task = psutil.Process(int((fake / "step.pid").read_text()))
+            for process in [task, *task.children(recursive=True)]:
+                process.send_signal(signal.SIGTERM)
         out = job.communicate(timeout=60)[0]
     finally:
         job.kill()
-    assert (fake / "saved").exists(), out
+    assert (fake / "saved").exists(), out  # srun never saw a SIGTERM, so the save was not cut short
+    assert "forcing job termination" not in out, out
     assert job.returncode == 0, out  # torchrun's exit 1 after the stop is not a failure of the job
-    calls = _calls(fake)
-    if signal_to_shell == "USR1":
+    calls = [c for c in _calls(fake) if not c.startswith("scontrol show")]
+    if event == "time-limit":
         # the step, not srun, got the TERM (srun would SIGKILL its tasks), then the job requeued itself
-        assert calls[1:] == ["scancel --signal=TERM 4242", "scontrol requeue 4242"], calls
+        assert calls == ["scancel --signal=TERM 4242", "scontrol requeue 4242"], calls
         assert "requeueing job 4242" in out
     else:
-        assert not any("requeue" in c for c in calls), calls  # SLURM requeues a preempted job itself
-        assert "terminated (preemption or scancel" in out
+        assert calls == ["scontrol requeue 4242"], calls
+        assert "preempted: the trainers saved and stopped" in out
+
+
+def test_slurm_script_survives_a_sigterm_that_srun_turns_into_sigkill(tmp_path):
+    """scancel, or the end of a grace time: every process of the job gets SIGTERM, srun too, and srun kills
+    the trainers before they can save. The script waits for the step, says so and exits 0."""
+    fake, env = _fake_slurm(tmp_path, python_shim=True)
+    script = tmp_path / "job.sbatch"
+    script.write_text(slurm_script(Launch(nnodes=1, nproc_per_node=1)))
+    job = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    try:
+        _wait_for(fake / "running", job)
+        _wait_for(fake / "step.pid", job)
+        srun = next(p for p in psutil.Process(job.pid).children() if p.pid != job.pid)
+        for process in (job, srun):
+            process.send_signal(signal.SIGTERM)
+        out = job.communicate(timeout=60)[0]
+    finally:
+        job.kill()
+    assert "srun: forcing job termination" in out and not (fake / "saved").exists(), out
+    assert job.returncode == 0 and "srun killed the trainers" in out, out
+    assert not any("requeue" in c for c in _calls(fake))
 
 
 @pytest.mark.parametrize("code", [0, 3])

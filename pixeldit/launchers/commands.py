@@ -4,7 +4,7 @@ Every launcher ends up running `python -m pixeldit train ...` once per process
 with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set; the
 trainer reads those and nothing launcher-specific.
 
-`plan` fills in what the user left out (nodes and processes from a hostfile, the
+`resolve_launch` fills in what the user left out (nodes and processes from a hostfile, the
 master address) and refuses a layout that cannot start; `pixeldit launch` runs it,
 and checks the config's batch against the world size, before printing or starting
 anything.
@@ -64,6 +64,12 @@ def read_hostfile(path: str) -> dict[str, int]:
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise LaunchError(f"hostfile not found: {path} (one line per node: 'node0 slots=8')") from None
+    except IsADirectoryError:
+        raise LaunchError(f"--hostfile {path} is a folder; give the hostfile (one line per node: "
+                          f"'node0 slots=8')") from None
+    except PermissionError:
+        raise LaunchError(f"--hostfile {path} cannot be read (permission denied); make it readable "
+                          f"(chmod u+r) or give another hostfile") from None
     hosts: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
         line = line.strip()
@@ -83,7 +89,7 @@ def read_hostfile(path: str) -> dict[str, int]:
     return hosts
 
 
-def plan(launcher: str, *, nnodes: int | None = None, nproc_per_node: int | None = None, node_rank: int = 0,
+def resolve_launch(launcher: str, *, nnodes: int | None = None, nproc_per_node: int | None = None, node_rank: int = 0,
          master_addr: str | None = None, master_port: int = 29500, hostfile: str | None = None,
          train_args: list[str] | None = None) -> Launch:
     """A complete Launch from what the user gave: hostfile defaults and checks, the master address.
@@ -167,7 +173,7 @@ def deepspeed(launch: Launch, hostfile: str | None = None, no_ssh: bool = False)
     """`deepspeed --hostfile` (pdsh over ssh from node 0) or `--no_ssh --node_rank` (run on every node).
 
     The master address is always passed: DeepSpeed guesses it (ssh to the first host, `hostname -I`)
-    only when it is empty, and `plan` has already taken it from the hostfile.
+    only when it is empty, and `resolve_launch` has already taken it from the hostfile.
     """
     cmd = [launch.python, "-m", "deepspeed.launcher.runner", f"--num_gpus={launch.nproc_per_node}",
            f"--master_addr={launch.master_addr or '127.0.0.1'}", f"--master_port={launch.master_port}",
@@ -183,12 +189,19 @@ def slurm_script(launch: Launch, job_name: str = "pixeldit", partition: str | No
                  time_limit: str = "04:00:00") -> str:
     """An sbatch script: one torchrun per node via srun, c10d rendezvous on the first node.
 
-    Time limit: SLURM signals the batch shell (USR1) SIGNAL_LEAD_S before it; the shell sends SIGTERM
-    to the training step through scancel (srun would turn a SIGTERM it receives itself into a SIGKILL of
-    its tasks), the trainers save at the next step boundary and exit, torchrun waits for them up to
-    SHUTDOWN_TIMEOUT_S, and the job requeues itself and exits 0; the requeued job resumes from `latest`.
-    A SIGTERM to the batch shell (preemption, scancel) ends the job with exit 0 after the step has
-    stopped; SLURM itself requeues a preempted job (--requeue), a cancelled one stays cancelled.
+    What SLURM does decides the shape (docs/training.md, "SLURM: time limit, preemption, requeue"):
+    srun answers a SIGTERM it receives itself by SIGKILLing its tasks ("forcing job termination"), so
+    the trainers must get their SIGTERM from SLURM or scancel directly, never through srun.
+    - Time limit: SLURM sends USR1 to the batch shell only (`B:`), SIGNAL_LEAD_S before it; the shell
+      sends SIGTERM to the training step's processes with `scancel --signal=TERM` (steps only: neither
+      the batch shell nor srun), the trainers save at the next step boundary and exit, torchrun waits
+      for them up to SHUTDOWN_TIMEOUT_S, and the job requeues itself and exits 0.
+    - Preemption with a GraceTime: SLURM sends SIGTERM to the steps' processes only (not the batch
+      step, so not srun): the trainers save and exit, torchrun then exits 1; the shell sees the job's
+      PreemptTime set, requeues the job and exits 0.
+    - A SIGTERM to the batch shell itself (scancel, the end of a grace time, a preemption without one)
+      reached srun as well, which killed the trainers: nothing is saved, the shell waits for the step
+      and exits 0; a requeued job resumes from the last periodic checkpoint.
     """
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={launch.nnodes}",
              "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={launch.nproc_per_node}",
@@ -202,11 +215,13 @@ def slurm_script(launch: Launch, job_name: str = "pixeldit", partition: str | No
               f"MASTER_PORT={launch.master_port}", ""]
     train = " ".join(shlex.quote(a) for a in launch.train_module())
     lines += [
-        "# time limit near (sbatch --signal above): ask the training step, not srun, to save and stop",
+        "# time limit near (sbatch --signal above): SIGTERM to the training step's processes, not to srun",
+        "# (srun would SIGKILL its tasks on a SIGTERM of its own: \"forcing job termination\")",
         "stop=''",
         "trap 'stop=time-limit; echo \"pixeldit: time limit in <= {lead} s: the trainers save and stop\"; "
         "scancel --signal=TERM \"$SLURM_JOB_ID\"' USR1".format(lead=SIGNAL_LEAD_S),
-        "# preemption or scancel: SLURM signals the step itself; wait for it to stop",
+        "# scancel, or the end of a preemption's grace time: srun got the SIGTERM too and has killed the",
+        "# trainers; wait for the step to end",
         "trap 'stop=terminated' TERM",
         "",
         f"srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes=$SLURM_NNODES "
@@ -217,17 +232,27 @@ def slurm_script(launch: Launch, job_name: str = "pixeldit", partition: str | No
         'while kill -0 "$step" 2>/dev/null; do wait "$step"; done',
         'wait "$step"; status=$?',
         "",
-        'if [ "$stop" = time-limit ]; then',
-        '    echo "pixeldit: stopped for the time limit (training step exit status $status); requeueing job '
-        '$SLURM_JOB_ID, its next start resumes from the latest checkpoint"',
+        'requeue() {',
         '    scontrol requeue "$SLURM_JOB_ID" || { echo "pixeldit: scontrol requeue failed: submit this script '
         'again to resume" >&2; exit 1; }',
         "    exit 0",
+        "}",
+        'if [ "$stop" = time-limit ]; then',
+        '    echo "pixeldit: stopped for the time limit (training step exit status $status); requeueing job '
+        '$SLURM_JOB_ID, its next start resumes from the latest checkpoint"',
+        "    requeue",
         "fi",
         'if [ "$stop" = terminated ]; then',
-        '    echo "pixeldit: terminated (preemption or scancel; training step exit status $status); a requeued '
-        'job resumes from the latest checkpoint"',
+        '    echo "pixeldit: SIGTERM to the job script (scancel, or the end of a preemption grace time): srun '
+        'killed the trainers (training step exit status $status); a requeued job resumes from the last '
+        'checkpoint"',
         "    exit 0",
+        "fi",
+        "# preemption with a GraceTime signals the trainers, not this shell: they saved, torchrun exits 1",
+        'if [ "$status" -ne 0 ] && scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q "PreemptTime=[0-9]"; then',
+        '    echo "pixeldit: preempted: the trainers saved and stopped (training step exit status $status); '
+        'requeueing job $SLURM_JOB_ID, its next start resumes from the latest checkpoint"',
+        "    requeue",
         "fi",
         'exit "$status"',
     ]
