@@ -59,6 +59,55 @@ def test_two_nodes_on_loopback(launcher, synthetic_shards, tmp_path):
     assert os.path.exists(os.path.join(run, "checkpoints", "step_00000002", "rank_00001.pt"))
 
 
+def test_ctrl_c_under_launch_saves_on_every_rank_and_exits_0(synthetic_shards, tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to `pixeldit launch`'s process group) on 2 processes: the ranks
+    save at the next step boundary, torchrun re-raises the signal and exits 1, and launch, seeing a complete
+    checkpoint newer than the one at the Ctrl-C, exits 0 with one line. --debug reaches the ranks."""
+    import queue
+    import threading
+
+    run = str(tmp_path / "run")
+    args = _train_args(run, synthetic_shards)
+    args[args.index("train.steps=2")] = "train.steps=100000"
+    args += ["--set", "checkpoint.every_steps=1000", "--set", "logging.every_steps=1"]
+    env = {k: v for k, v in os.environ.items() if k != "PIXELDIT_DEBUG"}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pixeldit", "launch", "torchrun", "--debug", "--nproc-per-node",
+                             "2", "--master-port", str(free_port()), "--", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    out, ranks_env = [], []
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None or not lines.empty():
+            assert time.monotonic() < deadline, "".join(out)[-3000:]
+            try:
+                out.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                continue
+            if not ranks_env and " step 1/100000 " in out[-1]:
+                ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                         if p.cmdline()[-len(args):] == args and "torch.distributed.run" not in p.cmdline()]
+                ranks_env = [p.environ().get("PIXELDIT_DEBUG") for p in ranks]
+                os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "".join(out)
+    assert ranks_env == ["1", "1"], (ranks_env, text[-3000:])
+    assert proc.returncode == 0, text[-3000:]
+    step = _latest(run)
+    assert step is not None and step < 1000  # the stop's save, not a periodic one
+    meta = json.load(open(os.path.join(run, "checkpoints", f"step_{step:08d}", "meta.json")))
+    assert meta["world"] == 2 and meta["step"] == step
+    stopped = [line for line in out if line.startswith("pixeldit launch: stopped")]
+    assert stopped == [f"pixeldit launch: stopped on Ctrl-C at step {step}, every rank saved; the same command "
+                       f"resumes from it\n"], text[-3000:]
+
+
 def test_slurm_script_and_printed_commands():
     out = subprocess.run([sys.executable, "-m", "pixeldit", "launch", "slurm", "--nnodes", "4", "--nproc-per-node",
                           "8", "--", "--config", XL], capture_output=True, text=True, check=True).stdout
