@@ -10,7 +10,7 @@ from tqdm import tqdm
 from . import images
 from .index_shards import label_from
 from .manifest import load_manifest, shard_root, shard_url
-from .storage import filesystem, join, read_bytes, strip_protocol
+from .storage import exists, join, read_bytes
 from .tario import iter_samples, parse_index
 
 
@@ -18,7 +18,6 @@ def verify_shards(root: str, options: dict | None = None, decode: bool = False, 
     """Problems found, one line each naming the file; an empty list means the set is sound."""
     manifest = load_manifest(root, options)
     base = shard_root(root)
-    fs = filesystem(base, options)
     problems = []
     for shard in tqdm(manifest.shards, desc="verifying", unit="shard", disable=not progress):
         url = shard_url(manifest, root, shard.name)
@@ -32,7 +31,7 @@ def verify_shards(root: str, options: dict | None = None, decode: bool = False, 
         if hashlib.sha256(data).hexdigest() != shard.sha256:
             problems.append(f"{url}: sha256 differs from the manifest")
         index_url = join(base, shard.index)
-        if not fs.exists(strip_protocol(index_url)):
+        if not exists(index_url, options):  # retried and typed, within the deadline, as every read
             problems.append(f"{index_url}: missing (DALI needs it)")
         else:
             try:
