@@ -222,29 +222,35 @@ def cmd_launch(args) -> int:
     if args.print_only:
         return 0
     env = dict(os.environ, PIXELDIT_DEBUG="1") if debug_enabled(args) else None
+    # imported now, not at the Ctrl-C: reading the checkpoints then must take milliseconds, well before
+    # the trainers can have finished the step in flight and saved
+    from pixeldit.platform import checkpoint  # noqa: F401
     process = subprocess.Popen(cmd, env=env)
-    saved_before_stop: list[int | None] = []  # the newest complete checkpoint when the first Ctrl-C came
+    interrupts, unread = 0, object()
+    saved_at_interrupt = unread  # the newest complete checkpoint's step when the first Ctrl-C came
     while True:
         try:
+            if interrupts and saved_at_interrupt is unread:
+                saved_at_interrupt = _newest_saved_step(cfg, train.run_dir)
             code = process.wait()
             break
         except KeyboardInterrupt:
             # the launcher passes the Ctrl-C on and the training processes save and exit: wait for them
             # rather than kill the launcher under them
-            if saved_before_stop and args.launcher == "torchrun":
+            interrupts += 1
+            if interrupts == 1:
+                print("pixeldit launch: Ctrl-C: waiting for the training processes to save and exit "
+                      "(Ctrl-C again aborts them)", file=sys.stderr, flush=True)
+            elif args.launcher == "torchrun":
                 # torchrun starts each worker in a session of its own and passes on only the first
                 # Ctrl-C; the second aborts the workers, as it does a plain `pixeldit train`
                 for pid in launchers.child_pids(process.pid):
                     os.kill(pid, signal.SIGINT)
-            elif not saved_before_stop:
-                print("pixeldit launch: Ctrl-C: waiting for the training processes to save and exit "
-                      "(Ctrl-C again aborts them)", file=sys.stderr, flush=True)
-                saved_before_stop.append(_newest_saved_step(cfg, train.run_dir))
-    if code != 0 and saved_before_stop:
+    if code != 0 and interrupts and saved_at_interrupt is not unread:
         # torchrun re-raises the stop signal after its workers have exited, so it ends with 1 even when
         # every rank saved; a complete checkpoint newer than the one at the Ctrl-C is the stop's save
         saved = _newest_saved_step(cfg, train.run_dir)
-        if saved is not None and saved != saved_before_stop[0]:
+        if saved is not None and saved != saved_at_interrupt:
             print(f"pixeldit launch: stopped on Ctrl-C at step {saved}, every rank saved; the same command "
                   f"resumes from it", file=sys.stderr, flush=True)
             return 0
@@ -274,7 +280,8 @@ def cmd_plan(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     given = {"mfu": args.mfu, "price_per_gpu_hour": args.price_per_gpu_hour, "storage_gbps": args.storage_gbps}
-    inputs = PlanInputs(gpus=args.gpus, gpu=resolve_gpu(args.gpu, args.tflops, args.memory_gb),
+    gpu = resolve_gpu(args.gpu, args.tflops, args.memory_gb, args.internode_gbps, args.gpus_per_node)
+    inputs = PlanInputs(gpus=args.gpus, gpu=gpu,
                         **{key: value for key, value in given.items() if value is not None})
     plan = make_plan(cfg, inputs)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
@@ -373,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--tflops", type=_positive_float, default=None,
                       help="peak dense bf16 TFLOP/s per GPU (another GPU kind, or overriding --gpu's)")
     plan.add_argument("--memory-gb", type=_positive_float, default=None, help="memory per GPU in GB")
+    plan.add_argument("--internode-gbps", type=_positive_float, default=None,
+                      help="network bandwidth per GPU between nodes in GB/s (default: the kind's, 50 on H100/H200)")
+    plan.add_argument("--gpus-per-node", type=_positive_int, default=None,
+                      help="GPUs sharing one NVLink domain (default 8); past it rings run over the network")
     plan.add_argument("--mfu", type=_fraction, default=None,
                       help="model FLOPs utilisation assumed for the step time (default 0.40, printed)")
     plan.add_argument("--price-per-gpu-hour", type=_positive_float, default=None, help="for the run's cost")
