@@ -428,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the label is, first match wins (repeatable; default: cls, json:label, json:cls)")
     index.add_argument("--num-classes", type=int, default=None,
                        help="labels must be below this (default: the largest label found + 1)")
+    index.add_argument("--io-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="deadline of each storage read or write, retries included (as data.io_timeout_s)")
     shards.set_defaults(func=cmd_shards)
     return parser
 

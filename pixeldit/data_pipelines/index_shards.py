@@ -442,7 +442,7 @@ def assemble(pattern: str, records: list[dict], folder: str, root: str, num_clas
 
 def run_index_command(args) -> int:
     result = index_shards(args.pattern, out=args.out, workers=args.workers, label_keys=args.label_key,
-                          num_classes=args.num_classes, io_timeout_s=getattr(args, "io_timeout", None))
+                          num_classes=args.num_classes, io_timeout_s=args.io_timeout)
     m = result.manifest
     reasons: dict[str, int] = {}
     for s in m.skipped:
