@@ -339,14 +339,17 @@ class Trainer:
     def fit(self, resume_from: str | None = None) -> TrainState:
         """Train to train.steps, resuming from `resume_from` or else the run's latest checkpoint."""
         cfg = self.cfg
-        stop_signals = (signal.SIGTERM, signal.SIGINT)
-        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in stop_signals}
+        previous = {}
         data = None
         try:
             resumed = self.resume(resume_from)
             if self.already_complete:
                 return self.state  # resume() said so; no banner, no epoch started
             self.monitor.start(self.state.step, run_banner(self, resumed))
+            # only now: a stop asked for while the checkpoint loads would train a step and write a full
+            # checkpoint of nothing new; until here Ctrl-C is Python's KeyboardInterrupt (abort, exit 130)
+            # and SIGTERM ends the process, as during the set-up before fit()
+            previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
             data = iter(self.loader)
             while self.state.step < cfg.train.steps:
                 t0 = time.perf_counter()
@@ -358,16 +361,14 @@ class Trainer:
                 t_data = time.perf_counter() - t0
                 try:
                     metrics = self.train_step(batch)
-                except RuntimeError as e:
-                    if self.world == 1:
-                        raise
-                    # gloo / NCCL errors name neither this rank nor the step: add both
-                    text = str(e).lower()
-                    peer = any(k in text for k in ("gloo", "nccl", "timed out", "timeout", "connection", "peer"))
-                    hint = (f"a collective failed: a peer stopped answering or died (distributed.timeout_s="
-                            f"{cfg.distributed.timeout_s}): " if peer else "")
-                    raise RuntimeError(f"rank {self.rank} of {self.world}: step {self.state.step + 1} failed: "
-                                       f"{hint}{e}") from e
+                except Exception as e:
+                    if self.world > 1:
+                        # gloo / NCCL errors name neither this rank nor the step; a note adds both to the
+                        # traceback and keeps the error's type and message
+                        e.add_note(f"rank {self.rank} of {self.world}: step {self.state.step + 1} failed; if a "
+                                   f"peer died or stopped answering, see distributed.timeout_s="
+                                   f"{cfg.distributed.timeout_s}")
+                    raise
                 metrics["data_time"], metrics["step_time"] = t_data, time.perf_counter() - t0
                 self.state.history.append(metrics["loss"])
                 self.monitor.step(self.state, metrics, self.loader, self.ema, self.strategy)
