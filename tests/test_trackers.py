@@ -94,6 +94,14 @@ def test_wandb_offline_run_holds_what_tensorboard_holds(synthetic_shards, tmp_pa
     for row in images:
         assert os.path.getsize(os.path.join(folder, "files", row["samples/ema/path"])) == row["samples/ema/size"]
 
+    # a finished run opens no tracker: no W&B run resumed for nothing, no empty TensorBoard event file
+    events = sorted(os.listdir(os.path.join(run_dir, "tensorboard")))
+    finished = Trainer(config(synthetic_shards, 4, *extra), run_dir)
+    finished.fit()
+    assert finished.already_complete
+    assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")) == [folder]
+    assert sorted(os.listdir(os.path.join(run_dir, "tensorboard"))) == events
+
     # a resumed training continues the same W&B run (one id per run directory)
     Trainer(config(synthetic_shards, 6, *extra), run_dir).fit()
     folders = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")))

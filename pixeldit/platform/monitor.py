@@ -17,6 +17,8 @@ from importlib import metadata
 
 import torch
 
+from .trackers import build_trackers, tracker_names
+
 log = logging.getLogger("pixeldit.train")
 
 # dense bf16 peak TFLOP/s per device (vendor figures); MFU is reported against these
@@ -73,24 +75,21 @@ def run_banner(trainer, resumed: bool) -> list[str]:
     arch = trainer.arch
     projector = (f" + REPA projector {trainer.projector_parameter_count / 1e6:.2f}M"
                  if trainer.projector_parameter_count else "")
-    manifest = getattr(getattr(trainer.loader, "spec", None), "manifest", None)
-    samples = f"{manifest.num_samples:,} samples in {len(manifest.shards)} shards, " if manifest else ""
-    layout = getattr(trainer, "layout", None)  # the BatchLayout the trainer splits each step by
-    batch = (layout.describe() if layout is not None
-             else f"global batch {cfg.train.global_batch}, micro-batch {cfg.train.micro_batch}")
+    manifest = trainer.loader.spec.manifest
     processes = f"{trainer.world} process{'es' if trainer.world > 1 else ''}"
     start = f"resumed from step {trainer.state.step:,}" if resumed else "new run"
     root = trainer.checkpoint_root
     checkpoints = root if "://" in root else os.path.abspath(root)
-    trackers = ", ".join(t.name for t in trainer.monitor.trackers) or "none"
+    trackers = ", ".join(tracker_names(cfg)) or "none"
     return [
         f"PixelDiT training: {start}, {cfg.train.steps:,} steps",
         f"model       {cfg.model.name} (D={arch.hidden_size}, patch {arch.patch_size}): "
         f"{trainer.parameter_count / 1e6:.2f}M parameters{projector}",
-        f"data        {cfg.data.source}: {samples}{cfg.data.image_size}px, {cfg.data.decoder} decoder",
+        f"data        {cfg.data.source}: {manifest.num_samples:,} samples in {len(manifest.shards)} shards, "
+        f"{cfg.data.image_size}px, {cfg.data.decoder} decoder",
         f"world       {processes} on {trainer.device.type}, strategy {trainer.strategy.name}, "
         f"{cfg.distributed.precision}",
-        f"batch       {batch}",
+        f"batch       {trainer.layout.describe()}",
         f"run dir     {os.path.abspath(trainer.run_dir)} (trackers: {trackers})",
         f"checkpoints {checkpoints} every {cfg.checkpoint.every_steps:,} steps",
     ]
@@ -108,15 +107,16 @@ class Monitor:
         self.clock = {"start": time.perf_counter(), "step": 0}
         self.console = contextlib.ExitStack()
         self.trackers = []
-        if rank == 0:
-            from .trackers import build_trackers
-            self.trackers = build_trackers(cfg, run_dir)
 
     def start(self, step: int, banner: list[str]):
-        """Write the run's provenance, log the banner, start the clock and the bar at `step`."""
+        """Open the trackers, write the run's provenance, log the banner, start the clock and the bar at `step`.
+
+        Called once training is certain to run: a finished run or a refused resume opens no tracker
+        (no empty TensorBoard event file, no W&B run resumed for nothing)."""
         self.clock = {"start": time.perf_counter(), "step": step}
         if self.rank != 0:
             return
+        self.trackers = build_trackers(self.cfg, self.run_dir)
         info = provenance(self.cfg, self.world)
         config_yaml = self.cfg.to_yaml()
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:

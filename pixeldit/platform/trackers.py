@@ -2,7 +2,7 @@
 
 The monitor hands every tracker the same things (the resolved config and provenance once,
 scalars and uint8 image grids keyed by the training step), so a value logged to one is
-logged to all. Only rank 0 builds trackers.
+logged to all. Only rank 0 builds trackers, once training starts (Monitor.start).
 """
 
 from __future__ import annotations
@@ -90,10 +90,14 @@ class WandbTracker:
         self.run.finish()
 
 
+def tracker_names(cfg) -> list[str]:
+    """The trackers this config logs to, in the order of build_trackers' list."""
+    return [t.name for t, on in ((TensorBoardTracker, cfg.logging.tensorboard), (WandbTracker, cfg.logging.wandb))
+            if on]
+
+
 def build_trackers(cfg, run_dir: str) -> list:
-    trackers = []
-    if cfg.logging.tensorboard:
-        trackers.append(TensorBoardTracker(run_dir))
-    if cfg.logging.wandb:
-        trackers.append(WandbTracker(run_dir, cfg.logging.wandb_project, cfg.to_dict()))
-    return trackers
+    # W&B first: it is the one a user's setup can refuse (credentials), and then no TensorBoard file is written
+    wandb = WandbTracker(run_dir, cfg.logging.wandb_project, cfg.to_dict()) if cfg.logging.wandb else None
+    trackers = [TensorBoardTracker(run_dir)] if cfg.logging.tensorboard else []
+    return trackers + ([wandb] if wandb else [])
