@@ -36,6 +36,10 @@ class CheckpointError(PixelDiTError):
     """A run directory or checkpoint that cannot be resumed or exported as it is."""
 
 
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was named or expected (a missing meta.json, part or DeepSpeed tag)."""
+
+
 class WeightsError(PixelDiTError, ValueError, KeyError):
     """A weights file (DINOv2, Inception, an export, the authors' .ckpt) that cannot be loaded."""
 

@@ -89,6 +89,14 @@ def test_the_architecture_is_compared_resolved_not_as_written():
     assert refused_changes(saved, config("/data", 4, "model.hidden_size=96")) == [("model.hidden_size", None, 96)]
 
 
+def test_a_saved_preset_this_version_does_not_know_is_a_refused_change():
+    from pixeldit.platform.resume_check import refused_changes
+
+    saved = load_config(None, overrides("/data", 4)).to_dict()
+    saved["model"]["name"] = "pixeldit-retired"
+    assert refused_changes(saved, config("/data", 4)) == [("model.name", "pixeldit-retired", "pixeldit-tiny")]
+
+
 def test_repa_and_precision_are_fixed_where_they_matter():
     from pixeldit.platform.resume_check import refused_changes
 
@@ -248,6 +256,24 @@ def test_no_complete_checkpoint_is_one_error_naming_the_folder(synthetic_shards,
     # a checkpoint named explicitly is used or refused, never replaced by another
     with pytest.raises(CheckpointError, match=r"step_00000004 is not a complete checkpoint: .*meta\.json is empty"):
         read_meta(ckpt(run, 4))
+
+
+def test_a_missing_checkpoint_is_also_a_file_not_found_and_a_damaged_one_is_not(run):
+    from pixeldit.errors import CheckpointNotFound
+    from pixeldit.platform.checkpoint import latest_complete, load_rank_state, read_meta
+
+    os.remove(os.path.join(ckpt(run, 4), "meta.json"))
+    with pytest.raises(CheckpointNotFound, match=r"step_00000004/meta\.json is missing") as missing:
+        read_meta(ckpt(run, 4))
+    assert isinstance(missing.value, FileNotFoundError) and isinstance(missing.value, CheckpointError)
+    with pytest.raises(FileNotFoundError, match=r"step_00000002/rank_00001\.pt is missing"):
+        load_rank_state(ckpt(run, 2), 1)
+    _write(os.path.join(ckpt(run, 2), "meta.json"), b"{")
+    with pytest.raises(CheckpointError, match=r"step_00000002/meta\.json is not valid JSON") as damaged:
+        read_meta(ckpt(run, 2))
+    assert not isinstance(damaged.value, FileNotFoundError)  # damaged, not absent
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint to resume"):
+        latest_complete(ckpt(run))
 
 
 def test_a_first_save_that_never_completed_starts_a_fresh_run(run, caplog):

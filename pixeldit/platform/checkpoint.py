@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..data_pipelines import storage
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointNotFound
 
 log = logging.getLogger(__name__)
 
@@ -225,34 +225,42 @@ def _step_folders(root: str) -> list[str]:
 
 def inspect_checkpoint(path: str) -> tuple[dict | None, str | None]:
     """(meta, None) for a complete checkpoint, else (None, what is wrong with it, naming the file)."""
+    meta, problem, _ = _inspect(path)
+    return meta, problem
+
+
+def _inspect(path: str) -> tuple[dict | None, str | None, bool]:
+    """inspect_checkpoint's answer, and whether the problem is a missing file (not a damaged one)."""
     file = join(path, META)
     data = read_bytes(file)
     if data is None:
-        return None, f"{file} is missing (an unfinished save or a half-deleted folder)"
+        return None, f"{file} is missing (an unfinished save or a half-deleted folder)", True
     if not data.strip():
-        return None, f"{file} is empty"
+        return None, f"{file} is empty", False
     try:
         meta = json.loads(data.decode())
     except UnicodeDecodeError as e:
-        return None, f"{file} is not UTF-8 ({e.reason} at byte {e.start})"
+        return None, f"{file} is not UTF-8 ({e.reason} at byte {e.start})", False
     except json.JSONDecodeError as e:
-        return None, f"{file} is not valid JSON, truncated or damaged ({e.msg} at byte {e.pos} of {len(data)})"
+        return None, (f"{file} is not valid JSON, truncated or damaged ({e.msg} at byte {e.pos} of "
+                      f"{len(data)})"), False
     if not isinstance(meta, dict):
-        return None, f"{file} holds a {type(meta).__name__}, not a mapping"
+        return None, f"{file} holds a {type(meta).__name__}, not a mapping", False
     missing = [k for k in META_KEYS if k not in meta]
     if isinstance(meta.get("state"), dict):
         missing += [f"state.{k}" for k in STATE_KEYS if k not in meta["state"]]
     elif "state" in meta:
         missing.append("state as a mapping")
     if missing or not isinstance(meta.get("world"), int) or meta["world"] < 1:
-        return None, f"{file} lacks {', '.join(missing) or 'a valid world'} (damaged, or not one of our checkpoints)"
+        return None, (f"{file} lacks {', '.join(missing) or 'a valid world'} (damaged, or not one of our "
+                      f"checkpoints)"), False
     present = _listing(path) or set()
     parts = ["engine", "ema", *(f"rank_{r:05d}.pt" for r in range(meta["world"]))]
     absent = [p for p in parts if p not in present]
     if absent:
         return None, (f"{path} lacks {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''} (its {META} says "
-                      f"{meta['world']} rank(s) saved it)")
-    return meta, None
+                      f"{meta['world']} rank(s) saved it)"), True
+    return meta, None, False
 
 
 def _pointer(root: str) -> tuple[str | None, str | None]:
@@ -273,7 +281,7 @@ def _pointer(root: str) -> tuple[str | None, str | None]:
 def latest_complete(root: str) -> tuple[str, dict] | None:
     """(path, meta) of the checkpoint `latest` names, or of the newest complete one when that is not
     complete (logged, naming each file skipped); None for a fresh run (no `latest`, nothing complete).
-    A `latest` with no complete checkpoint anywhere under `root` is a CheckpointError."""
+    A `latest` with no complete checkpoint anywhere under `root` is a CheckpointNotFound."""
     name, problem = _pointer(root)
     has_pointer = name is not None or problem is not None
     skipped = [problem] if problem else []
@@ -300,8 +308,8 @@ def latest_complete(root: str) -> tuple[str, dict] | None:
         if _first_rank():
             log.warning("starting a fresh run: %s holds no complete checkpoint (%s)", root, "; ".join(skipped))
         return None
-    raise CheckpointError(f"{root} holds no complete checkpoint to resume ({'; '.join(skipped)}): restore the "
-                          f"damaged files, or move the folder away to start a fresh run")
+    raise CheckpointNotFound(f"{root} holds no complete checkpoint to resume ({'; '.join(skipped)}): restore the "
+                             f"damaged files, or move the folder away to start a fresh run")
 
 
 def latest_checkpoint(root: str) -> str | None:
@@ -364,16 +372,18 @@ def _prune(root: str, keep_last: int):
 
 
 def read_meta(path: str) -> dict:
-    """meta.json of the checkpoint at `path`, which must be complete (CheckpointError naming the file)."""
-    meta, problem = inspect_checkpoint(path)
+    """meta.json of the checkpoint at `path`, which must be complete: CheckpointNotFound when a file of it
+    is missing, CheckpointError when one is damaged (each naming the file)."""
+    meta, problem, missing = _inspect(path)
     if meta is None:
-        raise CheckpointError(f"{path} is not a complete checkpoint: {problem}; name another "
-                              f"step_NNNNNNNN folder, or the run directory to use its newest complete one")
+        error = CheckpointNotFound if missing else CheckpointError
+        raise error(f"{path} is not a complete checkpoint: {problem}; name another step_NNNNNNNN folder, or the "
+                    f"run directory to use its newest complete one")
     return meta
 
 
 def load_rank_state(path: str, rank: int) -> dict:
     file = join(path, f"rank_{rank:05d}.pt")
     if not exists(file):
-        raise FileNotFoundError(f"{file} is missing: the checkpoint was written by a smaller world")
+        raise CheckpointNotFound(f"{file} is missing: the checkpoint was written by a smaller world")
     return load_torch(file, map_location="cpu", weights_only=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 FIXED, FREE = "fixed", "free"
 
@@ -28,7 +28,6 @@ POLICY: dict[str, str] = {
     # how the same samples are read and decoded
     "data.decoder": FREE, "data.endpoint_url": FREE, "data.retries": FREE,
     "data.max_skipped_fraction": FREE, "data.io_timeout_s": FREE,
-    "data.skip_failed_shards": FREE, "optim.lr": FREE,  # keys of earlier configs (the lr: the schedule's)
     # every field changes the per-sample draws (t, label drop) or the target
     "diffusion.": FIXED,
     # the projector's place and shape, and whether there is one; weight, weights file and cache location may move
@@ -94,7 +93,7 @@ def _same_architecture(saved: dict, current: dict) -> bool:
         return resolve_arch(model.pop("name"), **{k: v for k, v in model.items() if v is not None})
     try:
         return arch(saved) == arch(current)
-    except ValueError:  # ConfigError: a saved preset or field this version no longer knows
+    except ConfigError:  # a saved preset or field this version no longer knows
         return False
 
 

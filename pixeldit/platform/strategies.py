@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointNotFound, ConfigError
 from .checkpoint import (dcp_load, dcp_save, exists, join, load_torch, local_folder, read_text, remove,
                          save_torch, write_text)
 from .ema import Fragment
@@ -293,7 +293,7 @@ class ZeroStrategy(Strategy):
             finally:
                 self.engine._config.load_universal_checkpoint = False
         if load_path is None:
-            raise CheckpointError(f"no DeepSpeed checkpoint under {join(path, tag)}")
+            raise CheckpointNotFound(f"no DeepSpeed checkpoint under {join(path, tag)}")
         self._skipped = self.engine.skipped_steps
 
     def _universal(self, path: str, saved_world: int) -> str:
