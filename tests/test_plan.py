@@ -247,3 +247,111 @@ def test_plan_text_and_a_gpu_it_does_not_know(synthetic_shards, capsys):
     assert main(["plan", "--config", XL, "--gpus", "8", "--gpu", "h300"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pixeldit plan: error: --gpu h300: unknown GPU kind") and "\n" not in err
+
+
+def test_plan_times_communication_over_the_network_past_one_node(capsys):
+    from pixeldit.cli import main
+
+    def comm(plan, name="fsdp"):
+        return plan["strategies"][name]
+
+    # inside one node the rings run over NVLink, compute-bound; across 8 nodes over 50 GB/s per GPU
+    one_node = _plan_json(capsys, "--gpus", "8", "--gpu", "h200")
+    assert one_node["link"]["name"] == "NVLink"
+    assert comm(one_node)["comm_s_per_step"] == pytest.approx(comm(one_node)["comm_bytes_per_step"] / 900e9)
+    assert not comm(one_node)["comm_bound"] and one_node["time"]["step_s"] == one_node["time"]["compute_s"]
+    nodes = _plan_json(capsys, "--gpus", "64", "--gpu", "h200")
+    assert nodes["link"] == {"name": "inter-node network", "gbps": 50.0, "nodes": 8}
+    fsdp = comm(nodes)
+    assert fsdp["comm_s_per_step"] == pytest.approx(fsdp["comm_bytes_per_step"] / 50e9)
+    # full overlap: the step is the longer of compute and communication, and the configured strategy times the run
+    assert fsdp["comm_bound"] and nodes["time"]["step_s"] == fsdp["step_s"] == fsdp["comm_s_per_step"]
+    assert nodes["time"]["gpu_hours"] > 1.5 * one_node["time"]["gpu_hours"]
+    # the network figure and the node size are overridable: 64 GPUs in one NVLink domain are compute-bound again
+    assert _plan_json(capsys, "--gpus", "64", "--gpu", "h200", "--internode-gbps", "100")["link"]["gbps"] == 100
+    flat = _plan_json(capsys, "--gpus", "64", "--gpu", "h200", "--gpus-per-node", "64")
+    assert flat["link"]["name"] == "NVLink" and not comm(flat)["comm_bound"]
+    assert flat["time"]["gpu_hours"] == pytest.approx(one_node["time"]["gpu_hours"])
+
+    assert main(["plan", "--config", XL, "--gpus", "64", "--gpu", "h200"]) == 0
+    text = capsys.readouterr().out
+    warning = next(line for line in text.splitlines() if line.startswith("warning"))
+    assert "communication exceeds" in warning and f"fsdp {1e3 * fsdp['comm_s_per_step']:.0f} ms" in warning
+    assert "rings run over inter-node network" in text
+    assert main(["plan", "--config", XL, "--gpus", "8", "--gpu", "h200"]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_plan_takes_the_batch_layout_from_the_config_and_its_refusal(capsys):
+    from pixeldit.cli import main
+    from pixeldit.errors import LaunchError
+    from pixeldit.platform.batch_layout import batch_layout
+
+    plan = _plan_json(capsys, "--set", "train.micro_batch=8", "--gpus", "8", "--gpu", "h200")
+    assert (plan["layout"]["per_rank"], plan["layout"]["micro_batch"], plan["layout"]["accumulation"]) == (32, 8, 4)
+    # memory allows more, but the run takes the configured micro-batch: the plan shows what will run
+    fits = plan["strategies"]["fsdp"]["activation_checkpointing"]["none"]
+    assert fits["max_micro_batch_memory"] > 32 and (fits["micro_batch"], fits["accumulation"]) == (8, 4)
+    assert plan["strategies"]["fsdp"]["comm_bytes_per_step"] > _plan_json(
+        capsys, "--gpus", "8", "--gpu", "h200")["strategies"]["fsdp"]["comm_bytes_per_step"]
+    # a micro-batch that does not fit: the layout train.micro_batch=<what fits> gives
+    small = _plan_json(capsys, "--gpus", "8", "--gpu", "h200", "--memory-gb", "40")
+    ddp = small["strategies"]["ddp"]["activation_checkpointing"]["none"]
+    assert not ddp["configured_fits"] and 0 < ddp["micro_batch"] <= ddp["max_micro_batch_memory"] < 32
+    assert ddp["micro_batch"] * ddp["accumulation"] == 32
+
+    assert main(["plan", "--config", XL, "--gpus", "24", "--gpu", "h200"]) == 2
+    err = capsys.readouterr().err.strip()
+    with pytest.raises(LaunchError) as refusal:
+        batch_layout(256, 32, 24)
+    assert err == f"pixeldit plan: error: {refusal.value}"
+
+
+def test_plan_counts_loader_batches_in_host_memory(capsys):
+    import inspect
+
+    from pixeldit.data_pipelines.loader import ShardLoader
+    from pixeldit.platform import plan as plan_module
+
+    assert plan_module.LOADER_PREFETCH == inspect.signature(ShardLoader).parameters["prefetch"].default
+    pil = ["--set", "data.decoder=pil", "--set", "repa.mode=off", "--gpus", "8", "--gpu", "h200"]
+    few = _plan_json(capsys, *pil, "--set", "data.num_workers=1")
+    many = _plan_json(capsys, *pil, "--set", "data.num_workers=8")
+    double = _plan_json(capsys, *pil, "--set", "data.num_workers=8", "--set", "train.global_batch=512")
+    # whole per-rank batches of decoded pixels, more with more decode threads, twice as many bytes at twice the batch
+    assert many["loader"]["host_bytes"] > few["loader"]["host_bytes"] > 0
+    assert many["loader"]["host_bytes"] == many["loader"]["host_batches"] * 32 * 3 * 256 * 256
+    assert double["loader"]["host_bytes"] == 2 * many["loader"]["host_bytes"]
+    # host buffers take nothing from the GPU: the micro batch that fits does not move with the workers
+    for name in many["strategies"]:
+        assert (many["strategies"][name]["activation_checkpointing"]["none"]["max_micro_batch_memory"]
+                == few["strategies"][name]["activation_checkpointing"]["none"]["max_micro_batch_memory"])
+        assert many["strategies"][name]["loader_device_bytes"] == 32 * 3 * 256 * 256  # the step's batch
+
+
+def test_plan_gives_up_on_an_unreachable_manifest_quickly_and_says_so(capsys, monkeypatch):
+    import socket
+    import time
+
+    from pixeldit.cli import main
+    from pixeldit.platform import plan as plan_module
+
+    # a storage endpoint that accepts connections and never answers, and a config that would wait 120 s for it
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    credentials = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}
+    for key, value in credentials.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(plan_module, "MANIFEST_DEADLINE_S", 1.0)
+    started = time.monotonic()
+    try:
+        assert main(["plan", "--config", XL, "--set", "data.source=s3://silent-bucket/shards", "--set",
+                     f"data.endpoint_url={endpoint}", "--set", "data.io_timeout_s=120", "--gpus", "8",
+                     "--gpu", "h200"]) == 0
+    finally:
+        silent.close()
+    assert time.monotonic() - started < 20
+    data = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data"))
+    assert "assumed 110 kB per JPEG (no manifest read within 1 s: StorageTimeout)" in data

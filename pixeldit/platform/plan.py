@@ -2,7 +2,7 @@
 
 Everything here is arithmetic on the config, the model's parameter shapes (built on the meta
 device, so XL costs nothing) and a few stated assumptions (GPU kind, MFU, storage bandwidth).
-Three kinds of figures, kept apart so each can be checked on its own:
+Four kinds of figures, kept apart so each can be checked on its own:
 
 - state bytes per rank (parameters, gradients, AdamW moments, fp32 masters, EMA fragments):
   exact, following each strategy's own layout and padding rules (FSDP2's dim-0 row chunks,
@@ -12,7 +12,9 @@ Three kinds of figures, kept apart so each can be checked on its own:
 - activations: the tensors autograd saves for backward, counted per block from the model's code
   (docs/planning.md lists the terms), checked against saved-tensor hooks;
 - transient buffers (all-gathered bf16 blocks, reduce buckets, the recomputed block under
-  activation checkpointing): the largest thing alive at once, an estimate stated as such.
+  activation checkpointing): the largest thing alive at once, an estimate stated as such;
+- time: compute at an assumed MFU, communication at the slower link the rings cross (NVLink inside
+  a node, the inter-node network beyond it), the step the longer of the two (full overlap assumed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..models.flops import forward_flops, training_flops
 from ..models.layers import swiglu_hidden
+from .batch_layout import batch_layout
 from .strategies import STRATEGIES
 
 GB = 1e9
@@ -35,16 +38,19 @@ class GPUKind:
     name: str
     bf16_tflops: float      # peak dense bf16 tensor-core TFLOP/s (no sparsity)
     memory_gb: float        # HBM, decimal GB as on the datasheet
-    interconnect_gbps: float  # GPU-to-GPU bandwidth per GPU (NVLink), GB/s, all links together
+    interconnect_gbps: float  # GPU-to-GPU bandwidth per GPU inside a node (NVLink), GB/s, all links together
+    internode_gbps: float     # network bandwidth per GPU between nodes (its NIC), GB/s
+    gpus_per_node: int = 8    # GPUs behind one NVLink domain
 
 
-# NVIDIA datasheet figures, SXM parts (docs/planning.md)
+# NVIDIA datasheet figures, SXM parts; the network is the reference systems' (DGX A100: one 200 Gb/s
+# HDR NIC per GPU, DGX H100 / H200 / B200: one 400 Gb/s NDR NIC per GPU); docs/planning.md
 GPU_KINDS = {
-    "a100-40gb": GPUKind("a100-40gb", 312.0, 40.0, 600.0),
-    "a100-80gb": GPUKind("a100-80gb", 312.0, 80.0, 600.0),
-    "h100": GPUKind("h100", 989.0, 80.0, 900.0),
-    "h200": GPUKind("h200", 989.0, 141.0, 900.0),
-    "b200": GPUKind("b200", 2250.0, 180.0, 1800.0),
+    "a100-40gb": GPUKind("a100-40gb", 312.0, 40.0, 600.0, 25.0),
+    "a100-80gb": GPUKind("a100-80gb", 312.0, 80.0, 600.0, 25.0),
+    "h100": GPUKind("h100", 989.0, 80.0, 900.0, 50.0),
+    "h200": GPUKind("h200", 989.0, 141.0, 900.0, 50.0),
+    "b200": GPUKind("b200", 2250.0, 180.0, 1800.0, 50.0),
 }
 GPU_ALIASES = {"a100": "a100-80gb"}
 
@@ -53,7 +59,10 @@ DEFAULT_MFU = 0.40
 USABLE_MEMORY_FRACTION = 0.90      # CUDA context, NCCL buffers and allocator fragmentation take the rest
 DEFAULT_STORAGE_GBPS = 1.0         # checkpoint writes to object storage, per job (GB/s)
 ASSUMED_JPEG_BYTES_256 = 110_000   # a 256x256 ADM-cropped ImageNet JPEG at quality 95, when no manifest is read
-LOADER_BATCHES_IN_FLIGHT = 4       # decoded uint8 batches a rank's loader keeps ready (pinned + device)
+# the manifest read is best effort: an unreachable bucket (an offline laptop, a placeholder URL) must not
+# hold the plan for data.io_timeout_s
+MANIFEST_DEADLINE_S = 10.0
+LOADER_PREFETCH = 2                # ShardLoader's prefetch, as build_loader leaves it
 DDP_BUCKET_FACTOR = 1              # DDP's reducer keeps one fp32 copy of all gradients in its buckets
 DS_REDUCE_BUCKET = 500_000_000     # DeepSpeed's default reduce_bucket_size (elements)
 DS_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold (elements)
@@ -306,32 +315,45 @@ class PlanInputs:
     storage_gbps: float = DEFAULT_STORAGE_GBPS
 
 
-def resolve_gpu(name: str | None, tflops: float | None, memory_gb: float | None) -> GPUKind:
+def resolve_gpu(name: str | None, tflops: float | None, memory_gb: float | None,
+                internode_gbps: float | None = None, gpus_per_node: int | None = None) -> GPUKind:
     if name:
         key = GPU_ALIASES.get(name.lower(), name.lower())
         if key not in GPU_KINDS:
             raise ConfigError(f"--gpu {name}: unknown GPU kind; known: {', '.join(sorted(GPU_KINDS))} "
                               f"(or give --tflops and --memory-gb)")
         kind = GPU_KINDS[key]
-        return dataclasses.replace(kind, bf16_tflops=tflops or kind.bf16_tflops,
-                                   memory_gb=memory_gb or kind.memory_gb)
-    if not (tflops and memory_gb):
+    elif not (tflops and memory_gb):
         raise ConfigError("no GPU kind: name one with --gpu (e.g. --gpu h200) or give both --tflops and --memory-gb")
-    return GPUKind("custom", tflops, memory_gb, 0.0)
+    else:
+        kind = GPUKind("custom", tflops, memory_gb, 0.0, 0.0)  # no link figures: communication is not timed
+    return dataclasses.replace(kind, bf16_tflops=tflops or kind.bf16_tflops, memory_gb=memory_gb or kind.memory_gb,
+                               internode_gbps=internode_gbps or kind.internode_gbps,
+                               gpus_per_node=gpus_per_node or kind.gpus_per_node)
+
+
+def link(gpu: GPUKind, world: int) -> tuple[str, float]:
+    """(name, GB/s per GPU) of the slowest link a ring over `world` GPUs crosses: NVLink inside one
+    node, the inter-node network as soon as the ranks span nodes."""
+    if world > gpu.gpus_per_node:
+        return "inter-node network", gpu.internode_gbps
+    return "NVLink", gpu.interconnect_gbps
 
 
 def manifest_image_bytes(cfg) -> tuple[float, str, int | None]:
     """(mean bytes per stored image, where that comes from, samples) from data.source's manifest,
     else the stated assumption and no sample count."""
     from ..data_pipelines.manifest import load_manifest
+    from ..data_pipelines.storage import storage_options
     from ..errors import PixelDiTError
 
     source = cfg.data.source
     if source and source != "synthetic":
+        deadline = min(cfg.data.io_timeout_s, MANIFEST_DEADLINE_S)
         try:
-            manifest = load_manifest(source, {"endpoint_url": cfg.data.endpoint_url} if cfg.data.endpoint_url else {})
+            manifest = load_manifest(source, storage_options(cfg.data.endpoint_url, deadline, cfg.data.retries))
         except (PixelDiTError, OSError) as e:  # no manifest reachable from here: the plan says what it assumed
-            reason = f"no manifest read: {type(e).__name__}"
+            reason = f"no manifest read within {deadline:g} s: {type(e).__name__}"
         else:
             count = sum(s.samples for s in manifest.shards)
             if count:
@@ -341,6 +363,27 @@ def manifest_image_bytes(cfg) -> tuple[float, str, int | None]:
         reason = "synthetic data"
     scaled = ASSUMED_JPEG_BYTES_256 * (cfg.data.image_size / 256) ** 2
     return scaled, f"assumed {scaled / 1e3:.0f} kB per JPEG ({reason})", None
+
+
+def loader_memory(cfg, per_rank: int, decoded_per_image: float, stored_per_image: float) -> dict:
+    """Where a rank's loader keeps its whole per-rank batches, and how many of them.
+
+    pil: decoded uint8 batches in host memory (pinned on CUDA hosts), as many as the loader's
+    buffer pool keeps: every decode thread's batch plus the prefetched ones, and the ones the
+    step still holds; the step's batch is then copied to the GPU. dali: the encoded batches
+    queued for DALI in host memory; DALI decodes on the GPU into its prefetch queue, next to
+    the batch in use."""
+    from ..data_pipelines.loader import THREADS_PER_PROCESS, batches_in_flight
+
+    if cfg.data.decoder == "dali":
+        host_batches, host_per_image = LOADER_PREFETCH + 2, stored_per_image
+        device_batches = LOADER_PREFETCH + 1
+    else:
+        host_batches = batches_in_flight(THREADS_PER_PROCESS * cfg.data.num_workers, LOADER_PREFETCH) + 4
+        host_per_image, device_batches = decoded_per_image, 1
+    return {"decoder": cfg.data.decoder, "host_batches": host_batches,
+            "host_bytes": host_batches * per_rank * host_per_image,
+            "device_batches": device_batches, "device_bytes": device_batches * per_rank * decoded_per_image}
 
 
 def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
@@ -354,27 +397,27 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
     gpu = inputs.gpu
     usable = gpu.memory_gb * GB * USABLE_MEMORY_FRACTION
     world = inputs.gpus
-    if cfg.train.global_batch % world:
-        raise ConfigError(f"--gpus {world}: train.global_batch={cfg.train.global_batch} is not divisible by it; "
-                          f"use a divisor of {cfg.train.global_batch} GPUs")
-    per_rank = cfg.train.global_batch // world
+    layout = cfg.train.layout(world)  # the trainer's own split, and its refusal
+    per_rank = layout.per_rank
+    link_name, link_gbps = link(gpu, world)
 
     dino = dino_figures(cfg.repa.encoder, size)
     online = cfg.repa.mode == "online"
     # the encoder runs in bf16 on GPUs without gradients: its weights stay, its activations do not
     encoder_bytes = 2 * dino["params"] if online else 0.0
-    loader_per_image = 3 * size * size  # decoded uint8 RGB
+    decoded_per_image = 3 * size * size  # decoded uint8 RGB
     features_bytes = REPA_CACHE_BYTES_PER_VALUE * (size // arch.patch_size) ** 2 * cfg.repa.encoder_dim
-    if cfg.repa.mode == "cached":
-        loader_per_image += features_bytes  # the targets travel in the cache's 16 bits
     image_bytes, image_bytes_source, samples = manifest_image_bytes(cfg)
+    stored_per_image = image_bytes
+    if cfg.repa.mode == "cached":
+        # the targets travel with the images, in the cache's 16 bits
+        decoded_per_image += features_bytes
+        stored_per_image += features_bytes
+    loader = loader_memory(cfg, per_rank, decoded_per_image, stored_per_image)
 
     step_flops = flops_image * cfg.train.global_batch
     step_flops_dino = dino["flops"] * cfg.train.global_batch if online else 0.0
-    step_s = (step_flops + step_flops_dino) / (world * gpu.bf16_tflops * 1e12 * inputs.mfu)
-    img_s = cfg.train.global_batch / step_s
-    total_s = step_s * cfg.train.steps
-    gpu_hours = total_s * world / 3600
+    compute_s = (step_flops + step_flops_dino) / (world * gpu.bf16_tflops * 1e12 * inputs.mfu)
 
     per_strategy = {}
     for name in strategies:
@@ -384,30 +427,42 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
         transient = transient_bytes(shapes, name, world, bf16)
         if name == "ddp" and bf16:
             transient["autocast weight copies"] = 2 * n_params  # bf16 casts kept for backward
-        fixed = sum(state.values()) + sum(transient.values()) + encoder_bytes
+        fixed = sum(state.values()) + sum(transient.values()) + encoder_bytes + loader["device_bytes"]
         modes = {}
         for mode in ("none", "every"):
             act = activation_bytes_per_image(arch, size, size, repa, mode, bf16)
             # the recomputed block lives at the micro batch's size too
-            per_image = act["saved"] + act["recompute"] + LOADER_BATCHES_IN_FLIGHT * loader_per_image
+            per_image = act["saved"] + act["recompute"]
             room = usable - fixed
             fits = max(0, int(room // per_image)) if room > 0 else 0
-            micro = max((d for d in range(1, min(fits, per_rank) + 1) if per_rank % d == 0), default=0)
+            # the configured micro-batch when it fits, else the layout train.micro_batch=<what fits> gives
+            runs = layout if fits >= layout.micro_batch else (
+                batch_layout(cfg.train.global_batch, fits, world) if fits else None)
             modes[mode] = {"activation_bytes_per_image": act["saved"], "recompute_bytes_per_image": act["recompute"],
-                           "max_micro_batch_memory": fits, "micro_batch": micro,
-                           "accumulation": per_rank // micro if micro else None}
+                           "max_micro_batch_memory": fits, "configured_fits": fits >= layout.micro_batch,
+                           "micro_batch": runs.micro_batch if runs else 0,
+                           "accumulation": runs.accumulation if runs else None}
         checkpoint_bytes = _checkpoint_bytes(n_params, name, bf16)
-        micro = modes["none"]["micro_batch"] or modes["every"]["micro_batch"] or 1
-        traffic = comm_bytes_per_step(n_params, name, world, per_rank // micro, bf16)
-        comm_s = traffic / (gpu.interconnect_gbps * GB) if gpu.interconnect_gbps else None
+        accumulation = modes["none"]["accumulation"] or modes["every"]["accumulation"] or layout.accumulation
+        traffic = comm_bytes_per_step(n_params, name, world, accumulation, bf16)
+        comm_s = traffic / (link_gbps * GB) if link_gbps else (0.0 if not traffic else None)
+        # collectives assumed to overlap compute fully (FSDP2 and ZeRO prefetch, DDP's buckets run during
+        # backward): only communication beyond the compute lengthens the step
+        step_s = max(compute_s, comm_s or 0.0)
         per_strategy[name] = {"comm_bytes_per_step": traffic, "comm_s_per_step": comm_s,
-                              "comm_fraction_of_step": comm_s / step_s if comm_s is not None else None,
+                              "comm_vs_compute": comm_s / compute_s if comm_s is not None else None,
+                              "comm_bound": comm_s is not None and comm_s > compute_s, "step_s": step_s,
                               "checkpoint_bytes": checkpoint_bytes,
                               "checkpoint_save_s": checkpoint_bytes / (inputs.storage_gbps * GB),
                               "state": state, "transient": transient, "encoder_bytes": encoder_bytes,
-                              "loader_bytes_per_image": LOADER_BATCHES_IN_FLIGHT * loader_per_image,
+                              "loader_device_bytes": loader["device_bytes"],
                               "fixed_bytes": fixed, "activation_checkpointing": modes}
 
+    timed = cfg.distributed.strategy if cfg.distributed.strategy in per_strategy else None
+    step_s = per_strategy[timed]["step_s"] if timed else compute_s
+    img_s = cfg.train.global_batch / step_s
+    total_s = step_s * cfg.train.steps
+    gpu_hours = total_s * world / 3600
     encoder_s_per_image = dino["flops"] / (gpu.bf16_tflops * 1e12 * inputs.mfu)
     repa_info = {
         "mode": cfg.repa.mode, "encoder": dino["name"],
@@ -425,19 +480,23 @@ def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
                    "configured_strategy": cfg.distributed.strategy, "configured_micro_batch": cfg.train.micro_batch,
                    "repa": cfg.repa.mode, "parameters": n_params},
         "gpu": dataclasses.asdict(gpu), "gpus": world,
+        "layout": {**dataclasses.asdict(layout), "global_batch": layout.global_batch, "describe": layout.describe()},
+        "link": {"name": link_name, "gbps": link_gbps, "nodes": -(-world // gpu.gpus_per_node)},
         "assumptions": {"mfu": inputs.mfu, "usable_memory_fraction": USABLE_MEMORY_FRACTION,
                         "storage_gbps": inputs.storage_gbps, "bytes_per_image_source": image_bytes_source,
-                        "loader_batches_in_flight": LOADER_BATCHES_IN_FLIGHT,
+                        "comm_overlap": "full: step = max(compute, communication)",
+                        "loader_prefetch": LOADER_PREFETCH,
                         "price_per_gpu_hour": inputs.price_per_gpu_hour},
         "flops": {"training_per_image": flops_image, "forward_per_image": forward_flops(arch, size, size)["total"],
                   "per_step": step_flops + step_flops_dino},
-        "time": {"step_s": step_s, "images_per_s": img_s, "total_s": total_s, "total_days": total_s / 86400,
-                 "gpu_hours": gpu_hours,
+        "time": {"strategy": timed, "compute_s": compute_s, "step_s": step_s, "images_per_s": img_s,
+                 "total_s": total_s, "total_days": total_s / 86400, "gpu_hours": gpu_hours,
                  "cost": gpu_hours * inputs.price_per_gpu_hour if inputs.price_per_gpu_hour is not None else None},
         "checkpoint": {"every_steps": cfg.checkpoint.every_steps,
                        "saves": cfg.train.steps // cfg.checkpoint.every_steps if cfg.checkpoint.every_steps else 0},
         "data": {"bytes_per_image": image_bytes, "bandwidth_bytes_s": image_bytes * img_s,
                  "images_per_s_per_gpu": img_s / world},
+        "loader": loader,
         "repa": repa_info,
         "strategies": per_strategy,
     }
@@ -478,15 +537,24 @@ def _gb(x: float) -> str:
     return f"{x / GB:7.2f}"
 
 
+def _gbps(x: float) -> str:
+    return f"{x:.0f} GB/s" if x else "? GB/s"
+
+
 def format_plan(plan: dict) -> str:
-    c, g, a, t = plan["config"], plan["gpu"], plan["assumptions"], plan["time"]
+    c, g, a, t, k = plan["config"], plan["gpu"], plan["assumptions"], plan["time"], plan["link"]
+    lo = plan["loader"]
+    per_node = min(plan["gpus"], g["gpus_per_node"])
     lines = [
         f"plan      {c['model']} ({c['parameters'] / 1e6:.2f}M trained parameters) at {c['image_size']}px, "
         f"{c['precision']}, global batch {c['global_batch']}, {c['steps']} steps, REPA {c['repa']}",
         f"hardware  {plan['gpus']} x {g['name']}: {g['bf16_tflops']:.0f} TFLOP/s bf16 dense, {g['memory_gb']:.0f} GB "
-        f"({a['usable_memory_fraction']:.0%} usable), interconnect {g['interconnect_gbps']:.0f} GB/s",
-        f"assumed   MFU {a['mfu']:.0%}; storage {a['storage_gbps']:.2f} GB/s; "
-        f"loader keeps {a['loader_batches_in_flight']} decoded batches per rank",
+        f"({a['usable_memory_fraction']:.0%} usable); {k['nodes']} node{'s' if k['nodes'] > 1 else ''} of "
+        f"{g['gpus_per_node']}: NVLink {_gbps(g['interconnect_gbps'])}, network {_gbps(g['internode_gbps'])} "
+        f"per GPU; rings run over {k['name']}",
+        f"batch     {plan['layout']['describe']} (train.micro_batch={c['configured_micro_batch']})",
+        f"assumed   MFU {a['mfu']:.0%}; communication overlaps compute (step = the longer of the two); "
+        f"storage {a['storage_gbps']:.2f} GB/s",
         "",
         f"{'memory per rank (GB)':<28}" + "".join(f"{s:>9}" for s in plan["strategies"]),
     ]
@@ -500,7 +568,7 @@ def format_plan(plan: dict) -> str:
         row(f"  {label}", lambda v, k=key: _gb(v["state"][k]).strip())
     row("  transient buffers", lambda v: _gb(sum(v["transient"].values())).strip())
     row("  DINOv2 encoder", lambda v: _gb(v["encoder_bytes"]).strip())
-    row("  loader, per image (MB)", lambda v: f"{v['loader_bytes_per_image'] / 1e6:.2f}")
+    row(f"  loader batches ({lo['device_batches']})", lambda v: _gb(v["loader_device_bytes"]).strip())
     row("  fixed total", lambda v: _gb(v["fixed_bytes"]).strip())
     for mode, label in (("none", "no activation checkpointing"), ("every", "checkpointing every block")):
         lines.append(f"{label}")
@@ -510,20 +578,28 @@ def format_plan(plan: dict) -> str:
         row("  micro x accumulation", lambda v, m=mode: (
             f"{v['activation_checkpointing'][m]['micro_batch']}x{v['activation_checkpointing'][m]['accumulation']}"
             if v["activation_checkpointing"][m]["micro_batch"] else "no fit"))
-    lines.append(f"communication per step (rank)")
+    lines.append(f"communication per step (rank), over {k['name']} at {_gbps(k['gbps'])}")
     row("  GB sent", lambda v: _gb(v["comm_bytes_per_step"]).strip())
-    row("  ms at interconnect", lambda v: f"{1e3 * v['comm_s_per_step']:.0f}" if v["comm_s_per_step"] is not None
-        else "-")
-    row("  vs compute step", lambda v: f"{v['comm_fraction_of_step']:.0%}" if v["comm_fraction_of_step"] is not None
-        else "-")
+    row("  ms", lambda v: f"{1e3 * v['comm_s_per_step']:.0f}" if v["comm_s_per_step"] is not None else "-")
+    row("  vs compute", lambda v: f"{v['comm_vs_compute']:.0%}" if v["comm_vs_compute"] is not None else "-")
+    row("  step (s)", lambda v: f"{v['step_s']:.3f}")
+    lines.append(f"host memory per rank: loader {lo['host_batches']} {lo['decoder']} batches of "
+                 f"{plan['layout']['per_rank']} {'encoded' if lo['decoder'] == 'dali' else 'decoded'} images = {lo['host_bytes'] / GB:.2f} GB "
+                 f"({per_node * lo['host_bytes'] / GB:.1f} GB per node of {per_node})")
     f, ck, d, r = plan["flops"], plan["checkpoint"], plan["data"], plan["repa"]
     own = strategies.get(c["configured_strategy"]) or next(iter(strategies.values()))
     cost = f", ${t['cost']:,.0f} at ${a['price_per_gpu_hour']}/GPU-h" if t["cost"] is not None else \
         " (give --price-per-gpu-hour for the cost)"
+    bound = [f"{name} {1e3 * v['comm_s_per_step']:.0f} ms" for name, v in strategies.items() if v["comm_bound"]]
+    if bound:
+        lines.append(f"warning   communication exceeds the {1e3 * t['compute_s']:.0f} ms of compute per step over "
+                     f"{k['name']} ({', '.join(bound)}): those steps wait on communication")
+    speed = f"{t['strategy']}: " if t["strategy"] else ""
     lines += [
         "",
         f"compute   {f['training_per_image'] / 1e9:.1f} GFLOPs/image for training (3x forward, as `pixeldit info`)",
-        f"speed     {t['step_s']:.3f} s/step, {t['images_per_s']:.0f} img/s at MFU {a['mfu']:.0%}",
+        f"speed     {speed}{t['step_s']:.3f} s/step (compute {t['compute_s']:.3f} s), {t['images_per_s']:.0f} img/s "
+        f"at MFU {a['mfu']:.0%}",
         f"run       {t['total_days']:.1f} days, {t['gpu_hours']:,.0f} GPU-hours{cost}",
         f"ckpt      {c['configured_strategy']}: {own['checkpoint_bytes'] / GB:.1f} GB each (engine + EMA), "
         f"{own['checkpoint_save_s']:.0f} s at {a['storage_gbps']} GB/s; {ck['saves']} saves every {ck['every_steps']} "
