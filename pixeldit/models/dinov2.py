@@ -125,7 +125,7 @@ def read_state_dict(weights: str) -> tuple[dict[str, torch.Tensor], str]:
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
     if not isinstance(state, dict):
-        raise WeightsError(f"{weights}: expected a state dict, found {type(state).__name__}")
+        raise WeightsError(f"repa.encoder={weights}: expected a state dict, found {type(state).__name__}")
     return state, os.path.abspath(weights)
 
 
