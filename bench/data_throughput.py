@@ -102,7 +102,7 @@ def spec_for(root: str, lanes: int, args, passes: int) -> LoaderSpec:
     manifest = load_manifest(root)
     manifest = dataclasses.replace(manifest, shards=manifest.shards * passes)
     return LoaderSpec(manifest, root, SIZE, args.batch, 0, Split(1, 0, lanes, args.batch), args.window,
-                      False, None, 3)
+                      False, None)
 
 
 def process_cpu(pids: list[int]) -> float:

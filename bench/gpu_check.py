@@ -42,7 +42,7 @@ def dali_check(workdir: str) -> dict:
     for name, policy in (("precropped", ImagePolicy("adm", 256, "jpg", 95)), ("original", ImagePolicy())):
         root = os.path.join(workdir, name)
         write_shards(items, classes, root, policy=policy, shard_samples=64, progress=False)
-        spec = LoaderSpec(load_manifest(root), root, 256, 32, 0, Split(1, 0, 2, 32), 64, False, None, 3)
+        spec = LoaderSpec(load_manifest(root), root, 256, 32, 0, Split(1, 0, 2, 32), 64, False, None)
         timings, batches = {}, {}
         # pil on a CUDA host: the reading threads copy each decoded batch into pinned memory: same pixels
         for label, decoder, device in (("pil", "pil", "cpu"), ("pil_pinned", "pil", "cuda"), ("dali", "dali", "cuda")):

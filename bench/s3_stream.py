@@ -55,7 +55,7 @@ def main():
             return sum(len(fs.cat_file(f"bench/crop256/{s.name}")) for s in manifest.shards)
 
         def ours():
-            spec = LoaderSpec(manifest, url, 256, 20, 0, Split(1, 0, args.lanes, 20), 512, False, options, 5)
+            spec = LoaderSpec(manifest, url, 256, 20, 0, Split(1, 0, args.lanes, 20), 512, False, options)
             lanes = [lane_batches(spec, 0, lane, lane_position(0, args.lanes, lane), decode=False)
                      for lane in range(args.lanes)]
             return sum(len(g) for g, _ in interleave(lanes))

@@ -24,7 +24,7 @@ BATCH, KEPT = 8, 230 // 8 * 8  # the synthetic set: 230 samples, 10 classes
 
 
 def spec_for(root, lanes=1):
-    return LoaderSpec(load_manifest(root), root, 16, BATCH, 0, Split(1, 0, lanes, BATCH), 16, False, None, 3)
+    return LoaderSpec(load_manifest(root), root, 16, BATCH, 0, Split(1, 0, lanes, BATCH), 16, False, None)
 
 
 def epoch_keys(root, lanes=1):
@@ -299,3 +299,108 @@ def test_an_epoch_without_a_sample_is_an_error_whatever_the_budget(synthetic_sha
         for batch in loader:  # empty batches keep the epoch's batch count (DALI never sees them)
             batches.append(batch)
     assert len(batches) == KEPT // BATCH and all(b["image"].shape == (0, 3, 16, 16) for b in batches)
+
+
+def flip_name_bit(src, dst, shard: int, sample: int) -> tuple[str, str, Path]:
+    """A copy of the set with one bit of the first member name of `sample` in `shard` flipped."""
+    shutil.copytree(src, dst)
+    info = load_manifest(str(dst)).shards[shard]
+    path = Path(dst, info.name)
+    data = bytearray(path.read_bytes())
+    entries = parse_index(Path(dst, info.index).read_text(), "index")
+    data[entries[sample].offset + 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return str(dst), entries[sample].key, Path(dst, info.index)
+
+
+def test_a_damaged_member_header_is_read_by_a_sound_index_else_skipped(synthetic_shards, tmp_path):
+    reference = epoch_keys(synthetic_shards)
+    sample = next(i for i in range(40) if epoch_keys_member(synthetic_shards, 1, i) in reference)
+    root, key, index = flip_name_bit(synthetic_shards, tmp_path / "flip", 1, sample)
+    check_epoch(ShardLoader(spec_for(root)), reference, {})  # the index still locates every byte
+    # an index whose offsets for that sample do not follow each other cannot stand in for its header
+    lines = index.read_text().splitlines()
+    fields = lines[sample + 1].split()
+    fields[5] = str(int(fields[5]) + 512)
+    lines[sample + 1] = " ".join(fields)
+    index.write_text("\n".join(lines) + "\n")
+    log = tmp_path / "skipped.jsonl"
+    check_epoch(ShardLoader(spec_for(root), skipped_log=str(log)), reference, {key: "corrupt_header"})
+    assert [(r["key"], r["reason"]) for r in read_jsonl(log)] == [(key, "corrupt_header")]
+
+
+def epoch_keys_member(root, shard: int, member: int) -> str:
+    info = load_manifest(root).shards[shard]
+    return parse_index(Path(root, info.index).read_text(), "index")[member].key
+
+
+def test_a_damaged_index_is_one_line_naming_it_and_the_fix(synthetic_shards, tmp_path):
+    root = str(tmp_path / "idx")
+    shutil.copytree(synthetic_shards, root)
+    index = Path(root, load_manifest(root).shards[0].index)
+    index.write_text(index.read_text().replace(" ", " x", 1))
+    with pytest.raises(DataError, match=rf"{index.name}: damaged index .*`pixeldit shards verify`") as e:
+        list(ShardLoader(spec_for(root)))
+    assert "\n" not in str(e.value)
+
+
+def test_a_half_written_last_line_of_the_list_is_dropped(bad_label_set, tmp_path):
+    root, clean, bad = bad_label_set
+    log = tmp_path / "skipped.jsonl"
+    first = ShardLoader(spec_for(root), skipped_log=str(log))
+    it = iter(first)
+    for _ in range(8):
+        next(it)
+    state = first.state_dict()
+    written = read_jsonl(log)
+    assert written
+    log.write_text(log.read_text() + '{"shard": "train-0000')  # a crash in the middle of a write
+    resumed = ShardLoader(spec_for(root), skipped_log=str(log))
+    resumed.load_state_dict(state)
+    next(iter(resumed))
+    assert read_jsonl(log)[:len(written)] == written
+    log.write_text('{"shard": "train-0000\n' + log.read_text())  # damage anywhere else is not a crash's
+    with pytest.raises(DataError, match="line 1 is not JSON"):
+        again = ShardLoader(spec_for(root), skipped_log=str(log))
+        again.load_state_dict(state)
+        next(iter(again))
+
+
+def test_resume_of_an_older_state_at_the_epoch_end_and_at_another_world_size(bad_label_set):
+    root, clean, bad = bad_label_set
+    loader = ShardLoader(spec_for(root))
+    it = iter(loader)
+    for _ in range(len(loader)):
+        next(it)
+    state = loader.state_dict()
+    assert state["epoch_skipped"] == {"bad_label": 2, "label_out_of_range": 3}
+    old = {k: v for k, v in state.items() if not k.startswith("epoch_") or k == "epoch"}
+    old["stats"] = {"retries": 0, "corrupt": 0, "unreadable": 0}  # counts as written before skip reasons
+    resumed = ShardLoader(spec_for(root))
+    resumed.load_state_dict(old)
+    assert list(resumed) == [] and resumed.epoch == 1  # the finished epoch is not "an epoch without a sample"
+    # another world size: the old split's losses do not count against the new split's budget
+    other = ShardLoader(LoaderSpec(load_manifest(root), root, 16, 4, 0, Split(2, 0, 1, 4), 16, False, None),
+                        max_skipped_fraction=0.0)
+    state = dict(state, batches_done=10, epoch_lost=5, epoch_delivered=75)
+    other.load_state_dict(state)
+    assert (other.batches_done, other.epoch_lost, other.epoch_skipped) == (10, 0, {})
+
+
+def test_a_cut_shard_warns_once_and_counts_every_sample(synthetic_shards, tmp_path, caplog):
+    size = load_manifest(synthetic_shards).shards[1].bytes // 2
+    root, cut_keys = cut(synthetic_shards, tmp_path / "cut", 1, size)
+    with caplog.at_level(logging.WARNING, logger="pixeldit.data_pipelines.loader"):
+        loader = ShardLoader(spec_for(root))
+        list(loader)
+    warnings = [r for r in caplog.records if "(truncated)" in r.getMessage()]
+    assert len(warnings) == 1 and loader.stats.skipped["truncated"] > 1
+
+
+def test_wrong_setups_are_one_line_errors(synthetic_shards):
+    from pixeldit.errors import CheckpointError
+    with pytest.raises(ConfigError, match="cannot fill one global batch of 240"):
+        EpochPlan(load_manifest(synthetic_shards), 0, 0, Split(2, 0, 1, 120))
+    state = ShardLoader(spec_for(synthetic_shards)).state_dict()
+    with pytest.raises(CheckpointError, match="train.seed=5.*resume with the data.source and train.seed"):
+        ShardLoader(spec_for(synthetic_shards)).load_state_dict(dict(state, seed=5))

@@ -200,7 +200,7 @@ def mirror_grid_batch(x):
 
 def loader(images, features, decoder="pil", workers=0, hflip=False, batch=8):
     manifest = load_manifest(images)
-    spec = LoaderSpec(manifest, images, SIZE, batch, 0, Split(1, 0, max(1, workers), batch), 8, hflip, None, 3,
+    spec = LoaderSpec(manifest, images, SIZE, batch, 0, Split(1, 0, max(1, workers), batch), 8, hflip, None,
                       features=load_feature_manifest(features), features_root=features)
     return ShardLoader(spec, decoder, workers)
 

@@ -24,7 +24,7 @@ def s3_shards(s3_endpoint, s3_bucket, photo_shards):
 def loader_for(url, endpoint, decoder="pil", workers=0, io_timeout_s=120.0):
     options = {"endpoint_url": endpoint, "io_timeout_s": io_timeout_s}
     manifest = load_manifest(url, options)
-    spec = LoaderSpec(manifest, url, 32, 4, 0, Split(1, 0, max(1, workers), 4), 16, False, options, 5)
+    spec = LoaderSpec(manifest, url, 32, 4, 0, Split(1, 0, max(1, workers), 4), 16, False, options)
     return ShardLoader(spec, decoder, workers)
 
 

@@ -125,7 +125,7 @@ def s3_set(s3_endpoint, s3_bucket, synthetic_shards):
 def loader_for(url, endpoint, io_timeout_s=120.0):
     options = {"endpoint_url": endpoint, "io_timeout_s": io_timeout_s}
     manifest = load_manifest(url, {"endpoint_url": endpoint})
-    return ShardLoader(LoaderSpec(manifest, url, 16, BATCH, 0, Split(1, 0, 1, BATCH), 16, False, options, 3))
+    return ShardLoader(LoaderSpec(manifest, url, 16, BATCH, 0, Split(1, 0, 1, BATCH), 16, False, options))
 
 
 def epoch(loader):

@@ -34,7 +34,7 @@ def test_tensorboard_events_hold_the_run(synthetic_shards, tmp_path):
     acc = scalars(str(tmp_path))
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/grad_norm", "train/lr", "train/clip", "train/skipped_steps",
-                "perf/images_per_s", "perf/data_wait_share", "data/corrupt_images", "memory/ema_bytes_per_rank"):
+                "perf/images_per_s", "perf/data_wait_share", "data/skipped/undecodable", "memory/ema_bytes_per_rank"):
         assert tag in tags, tag
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]

@@ -90,11 +90,12 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
                  threads: int = 4, join_deadline_s: float = 300.0) -> Iterator[dict]:
     """Batches decoded by DALI. A sample DALI cannot decode fails its whole batch: that batch is then
     decoded on the CPU the pil decoder's way, which skips and counts the bad sample (reason
-    `undecodable`) like the pil decoder; a batch the CPU decodes completely was not lost to its
-    content, and DALI's error stands."""
+    `undecodable`) like the pil decoder, and DALI goes on with a new pipeline; a batch the CPU
+    decodes completely was not lost to its content, and DALI's error stands."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     pending: collections.deque[FedBatch] = collections.deque()  # in feed order, empty ones included
+    refeed: collections.deque[FedBatch] = collections.deque()   # taken by a pipeline that failed
     feed: queue.Queue = queue.Queue(maxsize=prefetch + 2)
     stop = threading.Event()
     reader = threading.Thread(target=_reader_thread, args=(spec, epoch, batches_done, feed, stop), daemon=True,
@@ -102,22 +103,29 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
     reader.start()
     source_error: list[BaseException] = []  # what the reader raised, unwrapped from DALI's error
 
+    # DALI calls this from the thread that asks its iterator for a batch (never concurrently)
     def source():
         while True:
-            item = feed.get()
-            if item is _END:
-                raise StopIteration
-            if isinstance(item, BaseException):
-                source_error.append(item)
-                raise item
-            fed = _admit_batch(spec, epoch, *item)
+            if refeed:
+                fed = refeed.popleft()
+            else:
+                item = feed.get()
+                if item is _END:
+                    raise StopIteration
+                if isinstance(item, BaseException):
+                    source_error.append(item)
+                    raise item
+                fed = _admit_batch(spec, epoch, *item)
             pending.append(fed)
             if fed.encoded:  # DALI refuses an empty batch: one with every sample skipped stays out of it
                 return fed.encoded, fed.flips, *_geometry(spec, fed)
 
-    pipe = _build_pipeline(spec, source, device, prefetch, threads)
-    iterator = DALIGenericIterator(pipe, ["image"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False,
-                                   prepare_first_batch=False)
+    def start():
+        pipe = _build_pipeline(spec, source, device, prefetch, threads)
+        return pipe, DALIGenericIterator(pipe, ["image"], last_batch_policy=LastBatchPolicy.PARTIAL,
+                                         auto_reset=False, prepare_first_batch=False)
+
+    pipe, iterator = start()
     try:
         while True:
             while pending and not pending[0].encoded:
@@ -133,8 +141,15 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
                     yield _to_batch(spec, pending.popleft(), _no_pixels(spec, device))
                 if not pending:
                     raise
+                # a pipeline that failed once stops early on a later failure: the batch it failed on is
+                # decoded here, and a new pipeline takes the batches the old one had taken, in order
                 fed = pending.popleft()
-                yield _to_batch(spec, fed, _decode_here(spec, epoch, fed, device, e))
+                pixels = _decode_here(spec, epoch, fed, device, e)
+                refeed.extendleft(reversed(pending))
+                pending.clear()
+                del iterator, pipe
+                pipe, iterator = start()
+                yield _to_batch(spec, fed, pixels)
                 continue
             while not pending[0].encoded:
                 yield _to_batch(spec, pending.popleft(), _no_pixels(spec, device))
@@ -158,8 +173,6 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
 def _admit_batch(spec: LoaderSpec, epoch: int, group: list, stats: ReadStats) -> FedBatch:
     fed = FedBatch([], [], [], [], [], stats, [], [])
     for raw in group:
-        if raw is None:  # lost with its shard: the reader counted it
-            continue
         admitted = admit(spec, raw, stats)
         if admitted is None:
             continue

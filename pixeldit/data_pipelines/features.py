@@ -22,6 +22,7 @@ from ..errors import ConfigError, DataError, MissingFileError
 from .manifest import ShardInfo, manifest_url, parse_manifest_json
 from .source import ReadStats, ShardReader
 from .storage import read_bytes, write_bytes
+from .tario import DamagedSample
 
 FORMAT = "pixeldit-repa-features"
 VERSION = 1
@@ -175,7 +176,10 @@ class LockstepReader:
             if (member, key) != (f_member, f_key):
                 raise DataError(f"{self.features.url(shard)}: sample {f_member} has key {f_key!r}, but "
                                  f"{self.images.url(shard)} has {key!r} there: the features do not mirror the images")
-            files.update({"repa." + ext: data for ext, data in f_files.items()})
+            if isinstance(f_files, DamagedSample) and not isinstance(files, DamagedSample):
+                files = f_files  # its features were cut off or damaged: the sample cannot train, skipped
+            else:
+                files.update({"repa." + ext: data for ext, data in f_files.items()})
             yield member, key, files
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..diffusion.randomness import stream_seed
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from . import images
 from .decode_processes import DecodeProcess, DecodeProcesses, Inbox, Segment, shared_array
 from .features import (
@@ -46,7 +46,7 @@ from .source import (
     lane_position,
 )
 from .storage import storage_options
-from .tario import TruncatedSample
+from .tario import DamagedSample
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -87,7 +87,6 @@ class LoaderSpec:
     window: int
     hflip: bool
     options: dict | None
-    retries: int
     features: FeatureManifest | None = None   # REPA feature shards read in lockstep, when cached
     features_root: str | None = None
 
@@ -115,10 +114,16 @@ def label_of(files: dict[str, bytes], manifest: Manifest) -> int:
     """The sample's class, read from the manifest's label sources as `shards index` read it, and
     checked against the manifest's classes (a label equal to the class count would pass for the
     guidance null class, a larger one would fail inside the model)."""
-    _, label, problem = label_from(files, tuple(manifest.label_sources))
-    if problem is not None:
-        raise Unusable("bad_label", problem)
     num_classes = len(manifest.classes)
+    cls = files.get("cls") if manifest.label_sources[0] == "cls" else None
+    # the common case without label_from's regex: plain ASCII digits are what it would accept
+    text = bytes(cls).strip() if cls is not None else b""
+    if text.isdigit():
+        label = int(text)
+    else:
+        _, label, problem = label_from(files, tuple(manifest.label_sources))
+        if problem is not None:
+            raise Unusable("bad_label", problem)
     if not 0 <= label < num_classes:
         raise Unusable("label_out_of_range", f"label {label} is outside the manifest's classes 0..{num_classes - 1}")
     return label
@@ -132,8 +137,8 @@ def shard_name(manifest: Manifest, canonical: int) -> str:
 def admit(spec: LoaderSpec, raw, stats: ReadStats) -> tuple[bytes, int] | None:
     """(image bytes, label) of a sample worth decoding; anything else is skipped and counted here."""
     try:
-        if isinstance(raw.files, TruncatedSample):
-            raise Unusable("truncated", raw.files.detail)
+        if isinstance(raw.files, DamagedSample):
+            raise Unusable(raw.files.reason, raw.files.detail)
         data = image_bytes(raw.files)
         if data is None:
             raise Unusable("no_image", f"no image among {sorted(raw.files)}")
@@ -143,10 +148,20 @@ def admit(spec: LoaderSpec, raw, stats: ReadStats) -> tuple[bytes, int] | None:
         return None
 
 
+# (root, shard) warned about once in this process: a cut shard skips every sample after the cut, every epoch
+_truncated_shards: set[tuple[str, str]] = set()
+
+
 def skip(stats: ReadStats, spec: LoaderSpec, raw, reason: str, detail: str):
     shard = shard_name(spec.manifest, raw.canonical)
     stats.skip(reason, shard, raw.key, detail)
-    log.warning("skipping sample %r of %s (%s): %s", raw.key, shard, reason, detail)
+    if reason != "truncated":
+        log.warning("skipping sample %r of %s (%s): %s", raw.key, shard, reason, detail)
+    elif (spec.root, shard) not in _truncated_shards:  # two threads may both warn once: harmless
+        _truncated_shards.add((spec.root, shard))
+        log.warning("skipping sample %r of %s (truncated): %s; the shard's other samples after the cut are "
+                    "skipped and counted without a warning (data/skipped/truncated, skipped.jsonl)",
+                    raw.key, shard, detail)
 
 
 def decode_image(data: bytes, size: int, crop: bool) -> torch.Tensor:
@@ -251,8 +266,6 @@ def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats, buff
     pixels = buffers.take((len(samples), size, size, 3))
     present, datas, labels_of_present = [], [], []
     for raw in samples:
-        if raw is None:  # lost with its shard: the reader counted it (unreadable)
-            continue
         admitted = admit(spec, raw, stats)
         if admitted is None:
             continue
@@ -442,6 +455,7 @@ class ShardLoader:
         self.join_deadline_s = join_deadline_s
         self.epoch, self.batches_done = 0, 0
         self.epoch_delivered, self.epoch_lost = 0, 0  # samples of the current epoch, for the budget
+        self.epoch_skipped: dict[str, int] = {}        # the current epoch's skips by reason, for messages
         self.stats = ReadStats()
         if decoder == "pil" and num_workers > 0 and not hasattr(os, "memfd_create"):
             raise ValueError(f"data.num_workers={num_workers}: the pil decoder's decode processes need Linux "
@@ -496,13 +510,15 @@ class ShardLoader:
                             f"({self.lost_summary()}); check the shards with `pixeldit shards verify --decode`")
         self.epoch += 1
         self.batches_done = 0
-        self.epoch_delivered, self.epoch_lost = 0, 0
+        self.epoch_delivered, self.epoch_lost, self.epoch_skipped = 0, 0, {}
 
     def account(self, stats: ReadStats, delivered: int, total: int):
         """Count a batch's samples and skips; stop the run once the epoch's skip budget is spent."""
         self.write_skipped(stats.records)
         stats.records = []
         self.stats.add(stats)
+        for reason, count in stats.skipped.items():
+            self.epoch_skipped[reason] = self.epoch_skipped.get(reason, 0) + count
         self.batches_done += 1
         self.epoch_delivered += delivered
         self.epoch_lost += self.spec.batch - delivered
@@ -516,8 +532,8 @@ class ShardLoader:
                             f"or raise data.max_skipped_fraction")
 
     def lost_summary(self) -> str:
-        reasons = {**self.stats.skipped, "unreadable": self.stats.unreadable}
-        return ", ".join(f"{reason} {n}" for reason, n in reasons.items() if n) or "nothing read"
+        """The current epoch's skips by reason."""
+        return ", ".join(f"{reason} {n}" for reason, n in self.epoch_skipped.items() if n) or "nothing skipped"
 
     def write_skipped(self, records: list):
         if not records or self.skipped_log is None:
@@ -535,8 +551,15 @@ class ShardLoader:
             return
         with open(self.skipped_log) as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines
-                if (json.loads(line)["epoch"], json.loads(line)["batch"]) < (self.epoch, self.batches_done)]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if i < len(lines) - 1:  # only a crash mid-write leaves a broken line, and only the last
+                    raise DataError(f"{self.skipped_log}: line {i + 1} is not JSON; the list was edited or damaged: "
+                                    f"move it away to start a new one") from None
+        kept = [line for line, r in zip(lines, records) if (r["epoch"], r["batch"]) < (self.epoch, self.batches_done)]
         if len(kept) != len(lines):
             tmp = f"{self.skipped_log}.tmp"
             with open(tmp, "w") as f:
@@ -548,7 +571,8 @@ class ShardLoader:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self.batches_done,
                 "seed": self.spec.seed, "world": s.world, "rank": s.rank, "lanes": s.lanes, "batch": s.batch,
                 "num_samples": self.spec.manifest.num_samples, "stats": self.stats.as_dict(),
-                "epoch_delivered": self.epoch_delivered, "epoch_lost": self.epoch_lost}
+                "epoch_delivered": self.epoch_delivered, "epoch_lost": self.epoch_lost,
+                "epoch_skipped": dict(self.epoch_skipped)}
 
     def load_state_dict(self, state: dict):
         """Continue where `state` stopped.
@@ -559,20 +583,28 @@ class ShardLoader:
         epoch some samples repeat and others are skipped; later epochs are exact.
         """
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+            raise CheckpointError(f"loader state version {state.get('version')} is not {STATE_VERSION}: the "
+                                  f"checkpoint was written by another version of pixeldit; resume it with that version")
         if state["num_samples"] != self.spec.manifest.num_samples or state["seed"] != self.spec.seed:
-            raise ValueError(f"loader state is for {state['num_samples']} samples / seed {state['seed']}, "
-                             f"this loader has {self.spec.manifest.num_samples} / {self.spec.seed}")
+            raise CheckpointError(
+                f"the checkpoint's loader state is for {state['num_samples']} samples / train.seed={state['seed']}, "
+                f"but {self.spec.root} has {self.spec.manifest.num_samples} samples / train.seed={self.spec.seed}: "
+                f"resume with the data.source and train.seed the run started with, or start a new run dir")
         s = self.spec.split
         self.epoch = state["epoch"]
-        self.stats = ReadStats(**state["stats"])
-        # states written before the skip budget: the epoch's count starts again here
-        self.epoch_delivered, self.epoch_lost = state.get("epoch_delivered", 0), state.get("epoch_lost", 0)
+        self.stats = ReadStats.from_dict(state["stats"])
         if (state["world"], state["lanes"], state["batch"]) == (s.world, s.lanes, s.batch):
             self.batches_done = state["batches_done"]
+            # states written before the skip budget lost nothing they counted: every batch was full
+            self.epoch_delivered = state.get("epoch_delivered", self.batches_done * s.batch)
+            self.epoch_lost = state.get("epoch_lost", 0)
+            self.epoch_skipped = dict(state.get("epoch_skipped", {}))
             return
         done = state["batches_done"] * state["world"] * state["batch"]
         self.batches_done = min(done // (s.world * s.batch), len(self))
+        # the old split's counts were this rank's share of another order: the budget starts again at
+        # this position, as if the re-split batches before it were delivered whole
+        self.epoch_delivered, self.epoch_lost, self.epoch_skipped = self.batches_done * s.batch, 0, {}
         log.warning("resuming with world %d x lanes %d x batch %d (state: %d x %d x %d): epoch %d continues at "
                     "batch %d of a re-split order; samples may repeat or be skipped until the epoch ends",
                     s.world, s.lanes, s.batch, state["world"], state["lanes"], state["batch"], self.epoch,
@@ -597,13 +629,14 @@ def build_loader(cfg, rank: int, world_size: int, device: str = "cpu", run_dir: 
         check_feature_set(features, manifest, images_sha256, cfg)
     spec = LoaderSpec(manifest=manifest, root=data.source, image_size=data.image_size, batch=per_rank,
                       seed=cfg.train.seed, split=Split(world_size, rank, lanes, per_rank),
-                      window=data.shuffle_window, hflip=data.hflip, options=options, retries=data.retries,
+                      window=data.shuffle_window, hflip=data.hflip, options=options,
                       features=features,
                       features_root=cfg.repa.features)
     skipped_log = None
     if run_dir is not None:
         skipped_log = os.path.join(run_dir, "skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl")
-    # a reader thread finishes the batch in hand: at most a read past its storage deadline plus a decode
+    # a thread whose reads keep failing gives up within io_timeout_s; one still reading (a batch's next()
+    # may read a whole shuffle window of healthy data) is left behind past this, a daemon, and logged
     return ShardLoader(spec, data.decoder, data.num_workers, device, max_skipped_fraction=data.max_skipped_fraction,
                        skipped_log=skipped_log, join_deadline_s=data.io_timeout_s + 60)
 
@@ -624,15 +657,17 @@ def check_feature_set(features: FeatureManifest, images: Manifest, images_sha256
     where = f"repa.features={cfg.repa.features}"
     check_mirrors(features, images, where)
     if features.images_sha256 != images_sha256:
-        raise ValueError(f"{where}: computed from another version of {manifest_url(cfg.data.source)} (image "
-                         f"manifest sha256 {features.images_sha256[:12]}..., now {images_sha256[:12]}...); "
-                         f"rerun `pixeldit repa-cache`")
+        raise DataError(f"{where}: computed from another version of {manifest_url(cfg.data.source)} (image "
+                        f"manifest sha256 {features.images_sha256[:12]}..., now {images_sha256[:12]}...); "
+                        f"rerun `pixeldit repa-cache`")
     tokens = (cfg.data.image_size // cfg.model.arch().patch_size) ** 2
     if features.image_size != cfg.data.image_size or features.tokens != tokens:
-        raise ValueError(f"{where}: cached for {features.image_size}px images ({features.tokens} tokens); "
-                         f"data.image_size={cfg.data.image_size} needs {tokens} tokens")
+        raise DataError(f"{where}: cached for {features.image_size}px images ({features.tokens} tokens); "
+                        f"data.image_size={cfg.data.image_size} needs {tokens} tokens: rerun `pixeldit repa-cache` "
+                        f"at this size or point repa.features at a cache made for it")
     if features.dim != cfg.repa.encoder_dim:
-        raise ValueError(f"{where}: {features.dim}-wide features ({features.encoder}), "
-                         f"repa.encoder_dim={cfg.repa.encoder_dim}")
+        raise DataError(f"{where}: {features.dim}-wide features ({features.encoder}), "
+                        f"repa.encoder_dim={cfg.repa.encoder_dim}: set --set repa.encoder_dim={features.dim} or "
+                        f"recache with the configured encoder")
     if cfg.data.hflip and features.flip == "none":
-        raise ValueError(f"{where}: cached with flip=none but data.hflip=true; recache with --flip both or grid")
+        raise DataError(f"{where}: cached with flip=none but data.hflip=true; recache with --flip both or grid")

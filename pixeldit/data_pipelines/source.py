@@ -37,10 +37,13 @@ from typing import Iterator
 import numpy as np
 
 from ..diffusion.randomness import stream_seed
+from ..errors import ConfigError
 from .manifest import Manifest, shard_root, shard_url
 from .storage import (STORAGE_EXCEPTIONS, CorruptContent, MappedFile, Retrying, client_retries, filesystem,
                       io_timeout, is_local, join, read_bytes, strip_protocol)
 from .tario import (
+    CorruptHeader,
+    DamagedSample,
     TruncatedSample,
     intact_samples,
     iter_members,
@@ -55,7 +58,7 @@ CHUNK_BYTES = 4 << 20
 
 
 # why a sample was skipped: corrupt content, never an access failure (docs/data.md, "Faults")
-SKIP_REASONS = ("undecodable", "no_image", "bad_label", "label_out_of_range", "truncated")
+SKIP_REASONS = ("undecodable", "no_image", "bad_label", "label_out_of_range", "truncated", "corrupt_header")
 
 
 @dataclass
@@ -71,8 +74,6 @@ class SkippedSample:
 class ReadStats:
     """Counts that travel with every batch so the main process can log them."""
     retries: int = 0
-    corrupt: int = 0
-    unreadable: int = 0   # samples lost to a shard that kept failing (when skipping is allowed)
     skipped: dict[str, int] = field(default_factory=dict)   # samples left out of batches, by reason
     # the batch's skipped samples, by name; written to skipped.jsonl, never kept in a loader state
     records: list[SkippedSample] = field(default_factory=list, repr=False)
@@ -81,30 +82,29 @@ class ReadStats:
         if reason not in SKIP_REASONS:
             raise AssertionError(f"unknown skip reason {reason!r}")
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        if reason == "undecodable":
-            self.corrupt += 1
         self.records.append(SkippedSample(shard, key, reason, detail))
-
-    @property
-    def skipped_total(self) -> int:
-        return sum(self.skipped.values())
 
     def add(self, other: "ReadStats"):
         self.retries += other.retries
-        self.corrupt += other.corrupt
-        self.unreadable += other.unreadable
         for reason, count in other.skipped.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + count
         self.records.extend(other.records)
 
     def as_dict(self) -> dict:
-        return {"retries": self.retries, "corrupt": self.corrupt, "unreadable": self.unreadable,
-                "skipped": dict(self.skipped)}
+        return {"retries": self.retries, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "ReadStats":
+        """A loader state's counts. States written before the skip reasons counted undecodable images
+        as `corrupt` and carry an `unreadable` that is now always 0 (shards are never skipped)."""
+        skipped = state.get("skipped")
+        if skipped is None:
+            skipped = {"undecodable": state["corrupt"]} if state.get("corrupt") else {}
+        return cls(state.get("retries", 0), dict(skipped))
 
     def scalars(self) -> dict[str, int]:
         """What the monitor logs to TensorBoard, by tag (every reason, so a curve starts at 0)."""
-        return {"data/corrupt_images": self.corrupt, "data/unreadable_samples": self.unreadable,
-                "data/retries": self.retries,
+        return {"data/retries": self.retries,
                 **{f"data/skipped/{reason}": self.skipped.get(reason, 0) for reason in SKIP_REASONS}}
 
 
@@ -159,8 +159,9 @@ class EpochPlan:
         group = self.split.world * self.split.batch
         self.kept = total // group * group
         if self.kept == 0:
-            raise ValueError(f"{total} samples cannot fill one global batch of {group} "
-                             f"({self.split.world} ranks x {self.split.batch})")
+            raise ConfigError(f"train.global_batch: the data's {total} samples cannot fill one global batch of "
+                              f"{group} ({self.split.world} ranks x {self.split.batch}); lower train.global_batch "
+                              f"or use more data")
         self.num_samples = total
         self.batches_per_rank = self.kept // group
 
@@ -279,7 +280,13 @@ class ShardReader:
                             if sliced is None:
                                 if members is None:
                                     members = iter_members(io.BytesIO(view[entries[member][0] - base:]), url)
-                                sliced = read_sample(members, len(entries[member].members), url)
+                                try:
+                                    sliced = read_sample(members, len(entries[member].members), url)
+                                except CorruptHeader as e:
+                                    # the stream is lost inside this sample; the index says where the next starts
+                                    members = None
+                                    sliced = entries[member].key, DamagedSample(f"{e}; the index has no name to "
+                                                                                f"check it by")
                             key, files = sliced
                             yield member, key, files
                             member += 1
@@ -302,11 +309,11 @@ class RawSample:
 
 
 def iter_lane(plan: EpochPlan, reader: ShardReader, lane: int, window: int,
-              start_sample: int = 0) -> Iterator[RawSample | None]:
-    """The lane's samples from position `start_sample` on, window-shuffled.
+              start_sample: int = 0) -> Iterator[RawSample]:
+    """The lane's samples from position `start_sample` on, window-shuffled, one per position.
 
-    One item per position: None stands for a sample lost to an unreadable shard,
-    so batches stay aligned to positions (and resume stays exact) around losses.
+    The reader yields every member it is asked for (content it cannot use comes as a placeholder
+    the loader skips and counts), so a position without a sample is a bug.
     """
     seq = plan.lane_sequence(lane)
     for w, (lo, hi) in enumerate(window_bounds(len(seq), window)):
@@ -322,7 +329,7 @@ def iter_lane(plan: EpochPlan, reader: ShardReader, lane: int, window: int,
                     got[base + member] = RawSample(base + member, key, files)
         order = window_order(plan.seed, plan.epoch, plan.split, lane, w, len(chunk))
         for i in order[max(0, start_sample - lo):]:
-            yield got.get(int(chunk[i]))
+            yield got[int(chunk[i])]
 
 
 def _runs(plan: EpochPlan, chunk: np.ndarray) -> list[tuple[int, int, int]]:

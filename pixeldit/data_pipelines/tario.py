@@ -14,7 +14,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, NamedTuple
 
-from .storage import TransientError
+from .storage import CorruptContent, TransientError
 
 BLOCK = 512
 INDEX_VERSION = "v1.2"
@@ -112,35 +112,52 @@ def _name_field(name: str) -> bytes:
 
 def parse_index(text: str, where: str) -> list[IndexedSample]:
     """Every sample of a DALI (wds2idx v1.2) index file, with its members' offsets and sizes."""
+    def damaged(what: str) -> CorruptContent:
+        return CorruptContent(f"{where}: damaged index ({what}); check the shards with `pixeldit shards verify` "
+                              f"and rewrite the index with `pixeldit shards index`")
+
     lines = text.strip().splitlines()
-    if not lines or not lines[0].startswith("v1."):
-        raise ValueError(f"{where}: not a DALI webdataset index (first line {lines[:1]})")
+    if not lines or not lines[0].startswith("v1.") or len(lines[0].split()) != 2 or not lines[0].split()[1].isdigit():
+        raise damaged(f"not a DALI webdataset index: first line {lines[:1]}")
     count = int(lines[0].split()[1])
     samples = []
-    for line in lines[1:]:
+    for number, line in enumerate(lines[1:], 2):
         fields = line.split()
         if len(fields) % 4 or not fields:
-            raise ValueError(f"{where}: malformed index line {line!r}")
-        # parsed once per shard and epoch on every rank: zip/map keep this in C (5x a per-member loop)
-        offsets, names = list(map(int, fields[1::4])), fields[3::4]
-        members = tuple(zip(fields[0::4], offsets, map(int, fields[2::4]), map(_name_field, names)))
+            raise damaged(f"line {number} is {line[:80]!r}")
+        try:
+            # parsed once per shard and epoch on every rank: zip/map keep this in C (5x a per-member loop)
+            offsets, names = list(map(int, fields[1::4])), fields[3::4]
+            members = tuple(zip(fields[0::4], offsets, map(int, fields[2::4]), map(_name_field, names)))
+        except ValueError:  # an offset or size that is not a number
+            raise damaged(f"line {number} is {line[:80]!r}") from None
         samples.append(IndexedSample(offsets[0] - BLOCK, split_name(names[0])[0], members))
     if len(samples) != count:
-        raise ValueError(f"{where}: header says {count} samples, {len(samples)} listed")
+        raise damaged(f"its header says {count} samples, {len(samples)} listed")
     return samples
 
 
-class TruncatedSample(dict):
-    """Stands for the files of a sample whose bytes end before the archive says they do.
+class DamagedSample(dict):
+    """Stands for the files of a sample the reader could not cut out of its shard.
 
-    A shard cut short (a partial upload, a disk that filled) keeps every sample before the cut;
-    the reader hands this empty mapping for the ones after it, so the loader skips and names them
-    (reason `truncated`) at the positions they would have taken in the batch.
+    An empty mapping at the position the sample would have taken in the batch: the loader skips
+    it and names it under `reason`, and the reader goes on with the next sample.
     """
+    reason = "corrupt_header"  # a member header is damaged where the index cannot stand in for it
 
     def __init__(self, detail: str):
         super().__init__()
         self.detail = detail
+
+
+class TruncatedSample(DamagedSample):
+    """A sample whose bytes end before the archive says they do: a shard cut short (a partial upload,
+    a disk that filled) keeps every sample before the cut, the ones after it stand for this."""
+    reason = "truncated"
+
+
+class CorruptHeader(ValueError):
+    """A tar header whose checksum does not match its bytes."""
 
 
 def intact_samples(entries: list[IndexedSample], size: int) -> int:
@@ -177,10 +194,8 @@ def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
         header = read_exact(stream, BLOCK, where)
         if header == b"\0" * BLOCK:
             return
-        # ustar checksum: the unsigned byte sum with the checksum field read as spaces (tarfile's
-        # calc_chksums also computes the signed variant, twice the work on the hot path)
-        if sum(header[:148]) + 256 + sum(header[156:]) != _octal(header[148:156]):
-            raise ValueError(f"{where}: corrupt tar header (checksum mismatch)")
+        if not header_intact(header):
+            raise CorruptHeader(f"{where}: corrupt tar header (checksum mismatch)")
         size = _octal(header[124:136])
         kind = header[156:157]
         data = read_exact(stream, size, where)
@@ -198,20 +213,41 @@ def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
+def header_intact(header) -> bool:
+    # ustar checksum: the unsigned byte sum with the checksum field read as spaces (tarfile's
+    # calc_chksums also computes the signed variant, twice the work on the hot path)
+    return sum(header[:148]) + 256 + sum(header[156:]) == _octal(header[148:156])
+
+
 def slice_sample(chunk: memoryview, base: int, sample: IndexedSample) -> tuple[str, dict[str, memoryview]] | None:
     """The sample's files as views into `chunk` (bytes from offset `base`), located by the index.
 
     Views, not copies: a copy of every image costs as much as reading it (~5 µs per 256² JPEG),
-    and the chunk is freed with the last sample that refers to it. None when a member's header
-    does not carry the name the index gives (an index that does not belong to this archive, or
-    GNU long names): the caller parses the headers instead.
+    and the chunk is freed with the last sample that refers to it. None when a member's intact
+    header carries another name than the index gives (an index that does not belong to this
+    archive) or the index has no name for it (GNU long names): the caller parses the headers
+    instead. A header that fails its checksum (a flipped bit) does not stop the index from
+    locating the data when the index is sound around it: the sample's members follow each other
+    exactly as ustar lays them out; otherwise the sample comes back as a DamagedSample.
     """
     files = {}
+    damaged = None
     for ext, offset, size, name in sample.members:
         header = offset - BLOCK - base
-        if not name or chunk[header:header + len(name)] != name:
+        if not name:
             return None
+        if chunk[header:header + len(name)] != name:
+            if header < 0 or header_intact(bytes(chunk[header:header + BLOCK])):
+                return None
+            damaged = f"the tar header of {name[:-1].decode(errors='replace')!r} is damaged"
         files[ext] = chunk[offset - base:offset - base + size]
+    if damaged is not None:
+        members = sample.members
+        laid_out = all(nxt[1] == off + size + -size % BLOCK + BLOCK
+                       for (_, off, size, _), nxt in zip(members, members[1:]))
+        if not laid_out or members[-1][1] + members[-1][2] > base + len(chunk):
+            return sample.key, DamagedSample(f"{damaged} and the index does not locate the sample's members "
+                                             f"consistently")
     return sample.key, files
 
 
@@ -222,10 +258,12 @@ def read_sample(members: Iterator[tuple[str, bytes]], count: int, where: str) ->
         try:
             name, data = next(members)
         except StopIteration:
-            raise ValueError(f"{where}: archive ended inside sample {key!r}") from None
+            raise CorruptContent(f"{where}: archive ended inside sample {key!r}; check it with "
+                                 f"`pixeldit shards verify`") from None
         k, ext = split_name(name)
         if key is not None and k != key:
-            raise ValueError(f"{where}: index says {count} members for {key!r}, found {name!r}")
+            raise CorruptContent(f"{where}: the index says {count} members for {key!r}, the archive has {name!r}: "
+                                 f"the index belongs to another archive; check with `pixeldit shards verify`")
         key = k
         files[ext] = data
     return key, files
