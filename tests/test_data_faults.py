@@ -404,3 +404,34 @@ def test_wrong_setups_are_one_line_errors(synthetic_shards):
     state = ShardLoader(spec_for(synthetic_shards)).state_dict()
     with pytest.raises(CheckpointError, match="train.seed=5.*resume with the data.source and train.seed"):
         ShardLoader(spec_for(synthetic_shards)).load_state_dict(dict(state, seed=5))
+
+
+def test_a_cut_feature_shard_skips_its_samples_as_truncated(tmp_path):
+    from pixeldit.cli import main
+    from pixeldit.data_pipelines.features import load_feature_manifest
+    from pixeldit.data_pipelines.writer import synthetic_items, write_shards
+    from tests.encoders import save_meta_weights
+    images, features = str(tmp_path / "images"), str(tmp_path / "features")
+    items, classes = synthetic_items(10, 5, 32, seed=3)
+    write_shards(items, classes, images, shard_samples=16, progress=False)  # 50 samples: 16 16 16 2
+    weights = save_meta_weights(tmp_path / "dinov2_tiny_pretrain.pth")
+    assert main(["repa-cache", "--data", images, "--out", features, "--encoder", str(weights),
+                 "--image-size", "32"]) == 0
+
+    def lockstep():
+        spec = LoaderSpec(load_manifest(images), images, 32, BATCH, 0, Split(1, 0, 1, BATCH), 8, False, None,
+                          features=load_feature_manifest(features), features_root=features)
+        return ShardLoader(spec)
+
+    reference = [k for b in lockstep() for k in b["key"]]
+    info = load_feature_manifest(features).shards[1]
+    path = Path(features, info.name)
+    path.write_bytes(path.read_bytes()[:info.bytes // 2])
+    entries = parse_index(Path(features, info.index).read_text(), "index")
+    cut_keys = {e.key for e in entries[intact_samples(entries, info.bytes // 2):]} & set(reference)
+    assert cut_keys
+    loader = lockstep()
+    batches = list(loader)
+    assert [k for b in batches for k in b["key"]] == [k for k in reference if k not in cut_keys]
+    assert all(b["repa"].shape[0] == len(b["key"]) for b in batches)
+    assert loader.stats.skipped == {"truncated": len(cut_keys)}
