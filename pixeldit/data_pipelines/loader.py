@@ -447,7 +447,7 @@ class ShardLoader:
                  prefetch: int = 2, max_skipped_fraction: float = 1.0, skipped_log: str | None = None,
                  join_deadline_s: float = 300.0):
         if decoder not in ("pil", "dali"):
-            raise ValueError(f"data.decoder={decoder!r}: expected 'pil' or 'dali'")
+            raise ConfigError(f"data.decoder={decoder!r}: expected 'pil' or 'dali'")
         self.spec, self.decoder, self.num_workers = spec, decoder, num_workers
         self.device, self.prefetch = torch.device(device), prefetch
         self.max_skipped_fraction, self.skipped_log = max_skipped_fraction, skipped_log
@@ -458,7 +458,7 @@ class ShardLoader:
         self.epoch_skipped: dict[str, int] = {}        # the current epoch's skips by reason, for messages
         self.stats = ReadStats()
         if decoder == "pil" and num_workers > 0 and not hasattr(os, "memfd_create"):
-            raise ValueError(f"data.num_workers={num_workers}: the pil decoder's decode processes need Linux "
+            raise ConfigError(f"data.num_workers={num_workers}: the pil decoder's decode processes need Linux "
                              f"(memfd_create); use data.num_workers=0 here")
         # started with the first epoch, kept until close() or until the loader is garbage
         self.processes = DecodeProcesses(num_workers) if decoder == "pil" and num_workers > 0 else None
