@@ -84,7 +84,10 @@ def _evaluate_fixed(rank, world, data, run_dir, inception, reference, weights_pa
             shadow.copy_(full[f.name].view(-1)[f.start:f.start + shadow.numel()].view(shadow.shape))
     if dist.is_initialized():
         dist.barrier()
-    return InLoopEvaluator(trainer.cfg, trainer.device).run(trainer)
+    trainer.monitor.start(0, ["evaluation only"])  # opens the trackers, as fit() does before its first step
+    result = InLoopEvaluator(trainer.cfg, trainer.device).run(trainer)
+    trainer.monitor.close()
+    return result
 
 
 def test_fid_needs_a_reference_batch():

