@@ -241,7 +241,9 @@ def test_a_join_that_times_out_names_what_the_thread_was_doing(caplog):
     stuck.join()
 
 
-def test_skips_reach_tensorboard_and_the_run_dirs_list(bad_label_set, tmp_path):
+def test_skips_reach_tensorboard_and_the_run_dirs_list(bad_label_set, tmp_path, caplog):
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from pixeldit.platform.trainer import train
@@ -250,7 +252,8 @@ def test_skips_reach_tensorboard_and_the_run_dirs_list(bad_label_set, tmp_path):
                              "train.global_batch=8", "train.micro_batch=8", "train.steps=1", "data.num_workers=0",
                              "train.seed=0", "data.shuffle_window=16",  # the order epoch_keys reads
                              "data.max_skipped_fraction=0.05", "logging.every_steps=1"])
-    train(cfg, str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="pixeldit"):
+        train(cfg, str(tmp_path))
     first_batch = epoch_keys(clean)[:8]
     skipped = [k for k in first_batch if k in bad]
     assert len(skipped) == 1  # the fixture put one bad label into the first batch
@@ -259,6 +262,8 @@ def test_skips_reach_tensorboard_and_the_run_dirs_list(bad_label_set, tmp_path):
     assert [e.value for e in acc.Scalars(f"data/skipped/{bad[skipped[0]]}")] == [1]
     assert [e.value for e in acc.Scalars("data/skipped/truncated")] == [0]
     assert [r["key"] for r in read_jsonl(tmp_path / "skipped.jsonl")] == skipped
+    step_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1/1 "))
+    assert "data retries 0  data skipped 1  " in step_line, step_line  # and on the console
 
 
 def test_a_batch_buffer_is_lent_until_the_last_tensor_on_its_memory_dies():

@@ -262,10 +262,6 @@ def test_a_ranged_read_of_an_endpoint_silent_mid_body_stops_at_the_deadline(s3_e
     assert faulty_s3.counts["stall"] >= 2
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="source.py reads shards through s3fs's S3File, whose _fetch_range turns a read timeout "
-                          "into an IndexError (args[0] of fsspec's argument-less FSTimeoutError); reading through "
-                          "storage.RangedFile (as `shards index` does) makes it a retried TransientError")
 def test_an_endpoint_silent_mid_shard_is_retried_then_stops_at_the_deadline(s3_endpoint, s3_set, faulty_s3):
     expected = epoch(loader_for(s3_set, s3_endpoint.url))
     name = load_manifest(s3_set, {"endpoint_url": s3_endpoint.url}).shards[1].name

@@ -39,8 +39,8 @@ import numpy as np
 from ..diffusion.randomness import stream_seed
 from ..errors import ConfigError
 from .manifest import Manifest, shard_root, shard_url
-from .storage import (STORAGE_EXCEPTIONS, CorruptContent, MappedFile, Retrying, client_retries, filesystem,
-                      io_timeout, is_local, join, read_bytes, strip_protocol)
+from .storage import (STORAGE_EXCEPTIONS, CorruptContent, MappedFile, RangedFile, Retrying, client_retries,
+                      filesystem, io_timeout, is_local, join, read_bytes, strip_protocol)
 from .tario import (
     CorruptHeader,
     DamagedSample,
@@ -248,10 +248,10 @@ class ShardReader:
             started = time.monotonic()
             try:
                 with MappedFile(strip_protocol(url)) if fs is None else \
-                        fs.open(strip_protocol(url), "rb", block_size=CHUNK_BYTES, cache_type="none") as f:
+                        io.BufferedReader(RangedFile(fs, url), CHUNK_BYTES) as f:
                     # a shard shorter than its manifest entry was cut (a partial upload, a full disk):
                     # the samples before the cut are delivered, those after it are content to skip
-                    size = len(f.view) if fs is None else (f.size or shard_end)
+                    size = len(f.view) if fs is None else f.raw.size
                     intact = intact_samples(entries, size) if size < shard_end else len(entries)
                     if member < intact:
                         f.seek(entries[member].offset)

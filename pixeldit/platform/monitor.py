@@ -176,10 +176,13 @@ class Monitor:
         # wall time per step, saves, previews and evaluations included: what the remaining steps will cost
         per_step = (now - t_first) / max(step - first, 1)
         repa = f"  repa {scalars['train/loss_repa']:.4f}" if "train/loss_repa" in scalars else ""
+        # data retries and skipped samples on the console too: a storage brown-out or a bad shard must
+        # be visible without opening TensorBoard
         log.info("step %d/%d  loss %.4f (mean of %d)%s  grad %.3f  lr %.2e  clip %.2f  %.1f img/s  data %.0f%%  "
-                 "skipped %d  elapsed %s  eta %s", step, self.cfg.train.steps, loss, len(window), repa,
-                 metrics["grad_norm"], metrics["lr"], metrics["clip"], images_per_s, 100 * data_share,
-                 state.skipped, duration(now - self.clock["start"]),
+                 "skipped steps %d  data retries %d  data skipped %d  elapsed %s  eta %s", step,
+                 self.cfg.train.steps, loss, len(window), repa, metrics["grad_norm"], metrics["lr"], metrics["clip"],
+                 images_per_s, 100 * data_share, state.skipped, loader.stats.retries,
+                 sum(loader.stats.skipped.values()), duration(now - self.clock["start"]),
                  duration(per_step * (self.cfg.train.steps - step)))
 
     def add_scalars(self, scalars: dict, step: int):
