@@ -74,7 +74,7 @@ def main():
         noise = torch.randn_like(images)
         x_t = t.view(-1, 1, 1, 1) * images + (1 - t.view(-1, 1, 1, 1)) * noise
         with autocast:
-            v, hidden = model(x_t, t, labels, return_block=min(8, model.arch.patch_depth))
+            v, hidden = model.forward_with_hidden(x_t, t, labels, min(8, model.arch.patch_depth))
             projected = projector(hidden)
         loss = velocity_loss(v, images - noise) + 0.5 * repa_loss(projected, targets).mean()
         loss.backward()

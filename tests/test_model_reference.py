@@ -263,7 +263,7 @@ def test_return_block_matches_reference(k):
     model = _tiny(seed=7)
     x, t, y = _inputs(model, H=16, W=24)
     with torch.no_grad():
-        v, h = model(x, t, y, return_block=k)
+        v, h = model.forward_with_hidden(x, t, y, k)
         v_ref, h_ref = reference_forward(model.state_dict(), model.arch, x, t, y, return_block=k)
     assert h.shape == (2, (16 // 4) * (24 // 4), model.arch.hidden_size)
     torch.testing.assert_close(h, h_ref, **TOL64)
@@ -444,12 +444,14 @@ def test_null_class_forward():
 
 # =============================================================== errors
 
-def test_bad_labels_raise():
+def test_bad_labels_are_not_used():
+    # the model does not sync with the host to check label values (the loader refuses them at the
+    # data boundary); an out-of-range label still fails in the embedding instead of reading a wrong row
     model = build_model("pixeldit-tiny")
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
-    with pytest.raises(ValueError, match="11"):
+    with pytest.raises(IndexError):
         model(x, t, torch.tensor([0, 11]))
-    with pytest.raises(ValueError, match="-1"):
+    with pytest.raises(IndexError):
         model(x, t, torch.tensor([-1, 2]))
 
 

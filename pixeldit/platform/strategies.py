@@ -49,7 +49,7 @@ class TrainModule(nn.Module):
     def forward(self, x_t, t, y):
         if self.projector is None:
             return self.model(x_t, t, y), None
-        v, hidden = self.model(x_t, t, y, return_block=self.repa_block)
+        v, hidden = self.model.forward_with_hidden(x_t, t, y, self.repa_block)
         return v, self.projector(hidden)
 
 
