@@ -61,7 +61,7 @@ def s3_storage_options(endpoint_url: str, key: str = FAKE_KEY, secret: str = FAK
     """fsspec/s3fs options for an S3-compatible endpoint: ``fsspec.filesystem("s3", **opts)``.
 
     A fresh dict every call, so callers may edit it. It deliberately holds no
-    ``skip_instance_cache`` (pixeldit.data_pipelines.storage.filesystem adds that itself).
+    ``skip_instance_cache`` (pixeldit.storage.filesystem adds that itself).
     """
     config = {**DEFAULT_CONFIG_KWARGS, **config_overrides}
     config["retries"] = dict(config["retries"])

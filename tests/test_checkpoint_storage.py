@@ -78,7 +78,7 @@ def _on_s3(rank, world, data, local, url, endpoint):
         run.fit(resume)
         out[name] = _snapshot(run)
     # damaged files on object storage: an unreadable `latest`, then a truncated meta.json of the newest step
-    from pixeldit.data_pipelines import storage
+    from pixeldit import storage
     from pixeldit.platform.checkpoint import storage_options
     ddp = f"{url}/ddp"
     storage.write_bytes(f"{ddp}/latest", b"\xff\xfe", storage_options(ddp))

@@ -12,7 +12,7 @@ from pixeldit.data_pipelines.features import decode, load_feature_manifest, mirr
 from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader, build_loader
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.data_pipelines.source import Split
-from pixeldit.data_pipelines.storage import filesystem, join, strip_protocol
+from pixeldit.storage import filesystem, join, strip_protocol
 from pixeldit.data_pipelines.tario import iter_samples
 from pixeldit.models.dinov2 import load_dinov2, resize_pos_embed_like_meta
 from pixeldit.platform.config import load_config

@@ -7,7 +7,7 @@ import pytest
 from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.data_pipelines.source import Split
-from pixeldit.data_pipelines.storage import StorageTimeout
+from pixeldit.storage import StorageTimeout
 from pixeldit.data_pipelines.verify import verify_shards
 from pixeldit.data_pipelines.writer import list_image_folder, write_shards
 

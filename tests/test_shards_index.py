@@ -22,7 +22,7 @@ from pixeldit.cli import main
 from pixeldit.data_pipelines.index_shards import index_shards
 from pixeldit.data_pipelines.loader import build_loader
 from pixeldit.data_pipelines.manifest import load_manifest
-from pixeldit.data_pipelines.storage import AccessDenied, StorageTimeout
+from pixeldit.storage import AccessDenied, StorageTimeout
 from pixeldit.data_pipelines.verify import verify_shards
 from pixeldit.errors import ConfigError, DataError, MissingFileError
 from pixeldit.platform.config import load_config

@@ -21,11 +21,11 @@ import aiohttp
 import botocore.exceptions
 import pytest
 
-from pixeldit.data_pipelines import storage
+from pixeldit import storage
 from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader, build_loader
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.data_pipelines.source import Split
-from pixeldit.data_pipelines.storage import (AccessDenied, CorruptContent, ObjectNotFound, PermanentStorageError,
+from pixeldit.storage import (AccessDenied, CorruptContent, ObjectNotFound, PermanentStorageError,
                                              StorageTimeout, TransientError, classify, describe, read_bytes,
                                              with_retries)
 from pixeldit.errors import PixelDiTError
@@ -89,7 +89,7 @@ def test_retries_back_off_with_jitter_warn_and_stop_at_the_deadline(monkeypatch,
 
     retried = []
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, "pixeldit.data_pipelines.storage"):
+    with caplog.at_level(logging.WARNING, "pixeldit.storage"):
         with pytest.raises(StorageTimeout, match=r"^http://h/x: still failing after \d+ attempts") as e:
             with_retries("http://h/x", refused, timeout_s=4.0, on_retry=retried.append)
     # the deadline holds (slack for a loaded machine; without one this would retry forever)

@@ -21,7 +21,7 @@ import torch
 from ..errors import ConfigError, DataError, MissingFileError
 from .manifest import ShardInfo, manifest_url, parse_manifest_json
 from .source import ReadStats, ShardReader
-from .storage import read_bytes, write_bytes
+from ..storage import read_bytes, write_bytes
 from .tario import DamagedSample
 
 FORMAT = "pixeldit-repa-features"

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..errors import ConfigError, DataError, MissingFileError
 from . import images
 from .manifest import MANIFEST, ImagePolicy, Manifest, ShardInfo, save_manifest
-from .storage import (
+from ..storage import (
     RangedFile,
     TransientError,
     describe,

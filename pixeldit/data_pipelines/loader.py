@@ -45,7 +45,7 @@ from .source import (
     iter_lane,
     lane_position,
 )
-from .storage import storage_options
+from ..storage import storage_options
 from .tario import DamagedSample
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ..errors import DataError, MissingFileError
-from .storage import join, read_bytes, write_bytes
+from ..storage import join, read_bytes, write_bytes
 
 FORMAT = "pixeldit-shards"
 VERSION = 1

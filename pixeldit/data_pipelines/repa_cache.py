@@ -26,7 +26,7 @@ from .features import DTYPES, FLIPS, FeatureManifest, encode, save_feature_manif
 from .loader import batched, decode_image, image_bytes
 from .manifest import ShardInfo, read_manifest
 from .source import ShardReader
-from .storage import exists, filesystem, join, protocol_of, read_bytes, strip_protocol, write_bytes
+from ..storage import exists, filesystem, join, protocol_of, read_bytes, strip_protocol, write_bytes
 from .writer import OpenShard
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def _finish(out: str, images, encoder: DinoV2Encoder, settings: dict, options) -
 
 
 def run_repa_cache_command(args) -> int:
-    from ..launchers.environment import join_process_group
+    from ..distributed import join_process_group
     from ..models.dinov2 import load_dinov2
 
     cuda = torch.cuda.is_available()

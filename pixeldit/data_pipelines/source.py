@@ -39,7 +39,7 @@ import numpy as np
 from ..diffusion.randomness import stream_seed
 from ..errors import ConfigError
 from .manifest import Manifest, shard_root, shard_url
-from .storage import (STORAGE_EXCEPTIONS, CorruptContent, MappedFile, RangedFile, Retrying, client_retries,
+from ..storage import (STORAGE_EXCEPTIONS, CorruptContent, MappedFile, RangedFile, Retrying, client_retries,
                       filesystem, io_timeout, is_local, join, read_bytes, strip_protocol)
 from .tario import (
     CorruptHeader,

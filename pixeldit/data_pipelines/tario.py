@@ -14,7 +14,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, NamedTuple
 
-from .storage import CorruptContent, TransientError
+from ..storage import CorruptContent, TransientError
 
 BLOCK = 512
 INDEX_VERSION = "v1.2"

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from . import images
 from .index_shards import label_from
 from .manifest import load_manifest, shard_root, shard_url
-from .storage import exists, join, read_bytes
+from ..storage import exists, join, read_bytes
 from .tario import iter_samples, parse_index
 
 

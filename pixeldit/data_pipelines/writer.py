@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..errors import ConfigError, DataError, MissingFileError
 from . import images, synthetic
 from .manifest import ImagePolicy, Manifest, ShardInfo, save_manifest
-from .storage import filesystem, join, protocol_of, read_bytes, strip_protocol, write_bytes
+from ..storage import filesystem, join, protocol_of, read_bytes, strip_protocol, write_bytes
 from .tario import ShardWriter
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..distributed import world
 from ..errors import ConfigError, DataError, MissingFileError, WeightsError
 from ..diffusion.samplers import SAMPLERS, GuidedVelocity, sample, timestep_grid, to_uint8
 from ..models import PixelDiT
@@ -276,12 +277,6 @@ class SamplingReport:
     world_size: int
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _collective_device(device: torch.device) -> torch.device:
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -299,7 +294,7 @@ def sample_to_npz(model: PixelDiT, out_path: str, *, classes=None, per_class: in
     """
     start = time.perf_counter()
     if rank is None or world_size is None:
-        rank, world_size = _world()
+        rank, world_size = world()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     num_classes = model.num_classes
     classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
@@ -411,7 +406,7 @@ def _describe_classes(classes: list[int] | None, num_classes: int) -> str:
 
 
 def run_sample_command(args) -> int:
-    from ..launchers.environment import join_process_group
+    from ..distributed import join_process_group
     cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
     rank, world, local_rank, started = join_process_group(cuda)
     try:

@@ -34,7 +34,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..data_pipelines import storage
+from .. import storage
 from ..errors import CheckpointError, CheckpointNotFound
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def storage_options(url: str) -> dict:
     roots = [r for r in _ROOT_OPTIONS if url == r or url.startswith(r + "/")]
     options = dict(_ROOT_OPTIONS[max(roots, key=len)]) if roots else {}
     if storage.protocol_of(url) == "s3" and "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
-        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]  # as data_pipelines.storage does, for DCP too
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]  # as pixeldit.storage does, for DCP too
     return options
 
 

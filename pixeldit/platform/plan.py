@@ -344,7 +344,7 @@ def manifest_image_bytes(cfg) -> tuple[float, str, int | None]:
     """(mean bytes per stored image, where that comes from, samples) from data.source's manifest,
     else the stated assumption and no sample count."""
     from ..data_pipelines.manifest import load_manifest
-    from ..data_pipelines.storage import storage_options
+    from ..storage import storage_options
     from ..errors import PixelDiTError
 
     source = cfg.data.source

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..distributed import world
 from ..errors import CheckpointNotFound, ConfigError
 from .checkpoint import (dcp_load, dcp_save, exists, join, load_torch, local_folder, read_text, remove,
                          save_torch, write_text)
@@ -53,12 +54,6 @@ class TrainModule(nn.Module):
         return v, self.projector(hidden)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _adamw(params, optim_cfg, lr: float):
     return torch.optim.AdamW(params, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                              weight_decay=optim_cfg.weight_decay, foreach=True)
@@ -73,7 +68,7 @@ class Strategy:
 
     def __init__(self, module: TrainModule, cfg, device: torch.device):
         self.module, self.cfg, self.device = module, cfg, device
-        self.rank, self.world = _world()
+        self.rank, self.world = world()
         self.bf16 = cfg.distributed.precision == "bf16"
         self.layout = cfg.train.layout(self.world)
 

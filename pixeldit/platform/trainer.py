@@ -47,7 +47,7 @@ class TrainState:
 
 
 def setup_distributed(cfg) -> tuple[int, int, torch.device]:
-    from ..launchers.environment import join_process_group
+    from ..distributed import join_process_group
 
     cuda = torch.cuda.is_available()
     if not cuda and "OMP_NUM_THREADS" not in os.environ:

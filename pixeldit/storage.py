@@ -29,7 +29,7 @@ import aiohttp
 import botocore.exceptions
 import fsspec
 
-from ..errors import DataError
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

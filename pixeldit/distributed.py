@@ -1,6 +1,8 @@
-"""Joining the process group that torchrun / the deepspeed launcher / SLURM describe in the environment.
+"""The distributed environment: joining the process group torchrun / the deepspeed launcher / SLURM
+describe in the environment, and this process's place in it.
 
-One function for every verb that runs on many processes (`train`, `sample`, `repa-cache`).
+The bottom floor of the package: every verb that runs on many processes (`train`, `sample`,
+`repa-cache`) joins through `join_process_group`, and code below the trainer asks `world()`.
 """
 
 from __future__ import annotations
@@ -29,3 +31,10 @@ def join_process_group(cuda: bool, backend: str = "auto", timeout_s: float = 180
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), local_rank, started
     return int(os.environ.get("RANK", "0")), 1, local_rank, started
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the started process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
