@@ -1,6 +1,7 @@
 """Storage failures: typed, retried with backoff until a deadline, counted, and stopping a run in one line.
 
-Real parts throughout: moto's S3 server and the fault proxy on loopback (tests/s3_server.py), a
+Real parts throughout: moto's S3 server and the fault proxy on loopback (tests/s3_server.py: 503 / 403
+errors, connection resets, bodies cut short or silent mid-body), a
 socket that accepts connections and never answers, a port nobody listens on, `pixeldit` in a
 subprocess, TensorBoard's event files read back. The only stand-ins are the exceptions fed to the
 classifier in the first test.
@@ -156,6 +157,23 @@ def test_a_brown_out_is_absorbed_every_retry_counted_and_shown(s3_endpoint, s3_s
     # the console shows the brown-out
     assert re.search(r"request\(s\) retried by the S3 client \(last: .* HTTP 503", logged)
     assert re.search(r"/train-\d+\.tar: (HTTP 503|ClientPayloadError).*; retry \d+ in", logged)
+
+
+def test_connection_resets_are_retried_and_one_that_persists_stops_at_the_deadline(s3_endpoint, s3_set, faulty_s3):
+    name = load_manifest(s3_set, {"endpoint_url": s3_endpoint.url}).shards[0].name
+    url = f"{s3_set}/{name}"
+    expected = read_bytes(url, {"endpoint_url": s3_endpoint.url})
+    # reset before any response: aiohttp repeats an idempotent request once unseen, then the S3 client
+    # and our retries take over; the bytes come back whole
+    faulty_s3.reset(n=4, match=name)
+    assert read_bytes(url, {"endpoint_url": faulty_s3.url, "io_timeout_s": 30}) == expected
+    assert faulty_s3.counts["reset"] == 4
+    faulty_s3.reset(n=None, match=name)
+    start = time.monotonic()
+    with pytest.raises(StorageTimeout) as e:
+        read_bytes(url, {"endpoint_url": faulty_s3.url, "io_timeout_s": 2})
+    assert time.monotonic() - start <= 4
+    assert str(e.value).startswith(f"{url}: still failing after") and "\n" not in str(e.value)
 
 
 def test_a_deleted_shard_and_a_403_stop_the_epoch_naming_the_url(s3_endpoint, s3_bucket, s3_set, faulty_s3):
