@@ -203,27 +203,39 @@ def slurm_script(launch: Launch, job_name: str = "pixeldit", partition: str | No
       reached srun as well, which killed the trainers: nothing is saved, the shell waits for the step
       and exits 0; a requeued job resumes from the last periodic checkpoint.
     """
+    lines = [*_sbatch_header(launch, job_name, partition, time_limit), "",
+             "# no -e: the training step's exit status is examined below", "set -uo pipefail",
+             *[f"export {k}={v}" for k, v in RECOMMENDED_ENV.items()],
+             'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+             f"MASTER_PORT={launch.master_port}", "", *_SIGNAL_TRAPS, "", *_training_step(launch), "",
+             *_REQUEUE_OR_EXIT]
+    return "\n".join(lines) + "\n"
+
+
+def _sbatch_header(launch: Launch, job_name: str, partition: str | None, time_limit: str) -> list[str]:
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={launch.nnodes}",
              "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={launch.nproc_per_node}",
              f"#SBATCH --time={time_limit}", f"#SBATCH --signal=B:USR1@{SIGNAL_LEAD_S}", "#SBATCH --requeue",
              "#SBATCH --open-mode=append", "#SBATCH --output=%x-%j.out"]
-    if partition:
-        lines.append(f"#SBATCH --partition={partition}")
-    lines += ["", "# no -e: the training step's exit status is examined below", "set -uo pipefail"]
-    lines += [f"export {k}={v}" for k, v in RECOMMENDED_ENV.items()]
-    lines += ['MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-              f"MASTER_PORT={launch.master_port}", ""]
+    return lines + ([f"#SBATCH --partition={partition}"] if partition else [])
+
+
+_SIGNAL_TRAPS = [
+    "# time limit near (sbatch --signal above): SIGTERM to the training step's processes, not to srun",
+    "# (srun would SIGKILL its tasks on a SIGTERM of its own: \"forcing job termination\")",
+    "stop=''",
+    "trap 'stop=time-limit; echo \"pixeldit: time limit in <= {lead} s: the trainers save and stop\"; "
+    "scancel --signal=TERM \"$SLURM_JOB_ID\"' USR1".format(lead=SIGNAL_LEAD_S),
+    "# scancel, or the end of a preemption's grace time: srun got the SIGTERM too and has killed the",
+    "# trainers; wait for the step to end",
+    "trap 'stop=terminated' TERM",
+]
+
+
+def _training_step(launch: Launch) -> list[str]:
+    """One torchrun per node under srun, in the background so the traps run; its exit status in $status."""
     train = " ".join(shlex.quote(a) for a in launch.train_module())
-    lines += [
-        "# time limit near (sbatch --signal above): SIGTERM to the training step's processes, not to srun",
-        "# (srun would SIGKILL its tasks on a SIGTERM of its own: \"forcing job termination\")",
-        "stop=''",
-        "trap 'stop=time-limit; echo \"pixeldit: time limit in <= {lead} s: the trainers save and stop\"; "
-        "scancel --signal=TERM \"$SLURM_JOB_ID\"' USR1".format(lead=SIGNAL_LEAD_S),
-        "# scancel, or the end of a preemption's grace time: srun got the SIGTERM too and has killed the",
-        "# trainers; wait for the step to end",
-        "trap 'stop=terminated' TERM",
-        "",
+    return [
         f"srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes=$SLURM_NNODES "
         f"--nproc-per-node={launch.nproc_per_node} {' '.join(_torchrun_options())} --rdzv-backend=c10d "
         f"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID {train} &",
@@ -231,29 +243,31 @@ def slurm_script(launch: Launch, job_name: str = "pixeldit", partition: str | No
         "# a trapped signal interrupts `wait`: wait again until the step has exited, then take its status",
         'while kill -0 "$step" 2>/dev/null; do wait "$step"; done',
         'wait "$step"; status=$?',
-        "",
-        'requeue() {',
-        '    scontrol requeue "$SLURM_JOB_ID" || { echo "pixeldit: scontrol requeue failed: submit this script '
-        'again to resume" >&2; exit 1; }',
-        "    exit 0",
-        "}",
-        'if [ "$stop" = time-limit ]; then',
-        '    echo "pixeldit: stopped for the time limit (training step exit status $status); requeueing job '
-        '$SLURM_JOB_ID, its next start resumes from the latest checkpoint"',
-        "    requeue",
-        "fi",
-        'if [ "$stop" = terminated ]; then',
-        '    echo "pixeldit: SIGTERM to the job script (scancel, or the end of a preemption grace time): srun '
-        'killed the trainers (training step exit status $status); a requeued job resumes from the last '
-        'checkpoint"',
-        "    exit 0",
-        "fi",
-        "# preemption with a GraceTime signals the trainers, not this shell: they saved, torchrun exits 1",
-        'if [ "$status" -ne 0 ] && scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q "PreemptTime=[0-9]"; then',
-        '    echo "pixeldit: preempted: the trainers saved and stopped (training step exit status $status); '
-        'requeueing job $SLURM_JOB_ID, its next start resumes from the latest checkpoint"',
-        "    requeue",
-        "fi",
-        'exit "$status"',
     ]
-    return "\n".join(lines) + "\n"
+
+
+_REQUEUE_OR_EXIT = [
+    'requeue() {',
+    '    scontrol requeue "$SLURM_JOB_ID" || { echo "pixeldit: scontrol requeue failed: submit this script '
+    'again to resume" >&2; exit 1; }',
+    "    exit 0",
+    "}",
+    'if [ "$stop" = time-limit ]; then',
+    '    echo "pixeldit: stopped for the time limit (training step exit status $status); requeueing job '
+    '$SLURM_JOB_ID, its next start resumes from the latest checkpoint"',
+    "    requeue",
+    "fi",
+    'if [ "$stop" = terminated ]; then',
+    '    echo "pixeldit: SIGTERM to the job script (scancel, or the end of a preemption grace time): srun '
+    'killed the trainers (training step exit status $status); a requeued job resumes from the last '
+    'checkpoint"',
+    "    exit 0",
+    "fi",
+    "# preemption with a GraceTime signals the trainers, not this shell: they saved, torchrun exits 1",
+    'if [ "$status" -ne 0 ] && scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q "PreemptTime=[0-9]"; then',
+    '    echo "pixeldit: preempted: the trainers saved and stopped (training step exit status $status); '
+    'requeueing job $SLURM_JOB_ID, its next start resumes from the latest checkpoint"',
+    "    requeue",
+    "fi",
+    'exit "$status"',
+]
