@@ -193,24 +193,11 @@ def _newest_saved_step(cfg, run_dir: str | None) -> int | None:
 
 def cmd_launch(args) -> int:
     import shlex
-    import signal
     import subprocess
 
     from pixeldit import launchers
-    from pixeldit.platform.config import load_config
 
-    train_args = list(args.train_args)
-    if debug_enabled(args) and "--debug" not in train_args:
-        # on the command line of every rank, so it reaches ranks on other nodes too (pdsh, srun)
-        train_args.insert(0, "--debug")
-    launch = launchers.resolve_launch(args.launcher, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
-                                      node_rank=args.node_rank, master_addr=args.master_addr,
-                                      master_port=args.master_port, hostfile=args.hostfile, train_args=train_args)
-    # the config the launched processes will load, checked here: a batch the ranks cannot share fails
-    # in this terminal, not minutes into an allocation
-    train = build_parser().parse_args(["train", *train_args])
-    cfg = load_config(train.config, train.overrides)
-    cfg.train.layout(launch.world, per_node=launch.nproc_per_node)
+    launch, train, cfg = _checked_launch(args)
     if args.launcher == "slurm":
         print(launchers.slurm_script(launch, partition=args.partition, time_limit=args.time), end="")
         return 0
@@ -226,12 +213,40 @@ def cmd_launch(args) -> int:
     # the trainers can have finished the step in flight and saved
     from pixeldit.platform import checkpoint  # noqa: F401
     process = subprocess.Popen(cmd, env=env)
+    return _wait_for_training(process, args.launcher, lambda: _newest_saved_step(cfg, train.run_dir))
+
+
+def _checked_launch(args):
+    """The Launch, the launched `train`'s arguments and the config they load, checked here: a batch the
+    ranks cannot share fails in this terminal, not minutes into an allocation."""
+    from pixeldit import launchers
+    from pixeldit.platform.config import load_config
+
+    train_args = list(args.train_args)
+    if debug_enabled(args) and "--debug" not in train_args:
+        # on the command line of every rank, so it reaches ranks on other nodes too (pdsh, srun)
+        train_args.insert(0, "--debug")
+    launch = launchers.resolve_launch(args.launcher, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
+                                      node_rank=args.node_rank, master_addr=args.master_addr,
+                                      master_port=args.master_port, hostfile=args.hostfile, train_args=train_args)
+    train = build_parser().parse_args(["train", *train_args])
+    cfg = load_config(train.config, train.overrides)
+    cfg.train.layout(launch.world, per_node=launch.nproc_per_node)
+    return launch, train, cfg
+
+
+def _wait_for_training(process, launcher: str, newest_saved_step) -> int:
+    """The launcher's exit code, or 0 when a Ctrl-C stopped a run whose every rank saved."""
+    import signal
+
+    from pixeldit import launchers
+
     interrupts, unread = 0, object()
     saved_at_interrupt = unread  # the newest complete checkpoint's step when the first Ctrl-C came
     while True:
         try:
             if interrupts and saved_at_interrupt is unread:
-                saved_at_interrupt = _newest_saved_step(cfg, train.run_dir)
+                saved_at_interrupt = newest_saved_step()
             code = process.wait()
             break
         except KeyboardInterrupt:
@@ -241,7 +256,7 @@ def cmd_launch(args) -> int:
             if interrupts == 1:
                 print("pixeldit launch: Ctrl-C: waiting for the training processes to save and exit "
                       "(Ctrl-C again aborts them)", file=sys.stderr, flush=True)
-            elif args.launcher == "torchrun":
+            elif launcher == "torchrun":
                 # torchrun starts each worker in a session of its own and passes on only the first
                 # Ctrl-C; the second aborts the workers, as it does a plain `pixeldit train`
                 for pid in launchers.child_pids(process.pid):
@@ -249,7 +264,7 @@ def cmd_launch(args) -> int:
     if code != 0 and interrupts and saved_at_interrupt is not unread:
         # torchrun re-raises the stop signal after its workers have exited, so it ends with 1 even when
         # every rank saved; a complete checkpoint newer than the one at the Ctrl-C is the stop's save
-        saved = _newest_saved_step(cfg, train.run_dir)
+        saved = newest_saved_step()
         if saved is not None and saved != saved_at_interrupt:
             print(f"pixeldit launch: stopped on Ctrl-C at step {saved}, every rank saved; the same command "
                   f"resumes from it", file=sys.stderr, flush=True)
@@ -268,7 +283,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_repa_cache(args) -> int:
-    from pixeldit.data_pipelines.repa_cache import run_repa_cache_command
+    from pixeldit.jobs.repa_cache import run_repa_cache_command
     return run_repa_cache_command(args)
 
 
@@ -316,7 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True)
+    # in the order `pixeldit --help` lists them
+    for add in (_add_info, _add_train, _add_launch, _add_export, _add_sample_evaluate_repa_cache, _add_plan,
+                _add_config, _add_shards):
+        add(verbs)
+    return parser
 
+
+def _add_info(verbs):
     info = add_verb(verbs, "info", help="parameters and FLOPs of a model")
     info.add_argument("model", help="pixeldit-b | pixeldit-l | pixeldit-xl | pixeldit-tiny | pixeldit-small")
     info.add_argument("--resolution", type=int, default=256)
@@ -325,11 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="architecture override, e.g. --set variant=dit")
     info.set_defaults(func=cmd_info)
 
+
+def _add_train(verbs):
     train = add_verb(verbs, "train", help="train (resumes from the run directory's latest checkpoint)")
     _add_config_args(train)
     train.add_argument("--run-dir", default=None, help="override train.run_dir")
     train.set_defaults(func=cmd_train)
 
+
+def _add_launch(verbs):
     launch = add_verb(verbs, "launch", help="build (and run) a torchrun / deepspeed / SLURM launch of `train`",
                               description="pixeldit launch LAUNCHER [options] -- TRAIN ARGUMENTS: the config and "
                                           "--set overrides after `--` are loaded and the batch layout checked "
@@ -352,14 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--print", dest="print_only", action="store_true", help="print the command, do not run it")
     launch.set_defaults(func=cmd_launch)
 
+
+def _add_export(verbs):
     export = add_verb(verbs, "export", help="consolidate a checkpoint into one safetensors file")
     export.add_argument("checkpoint", help="run directory, checkpoints folder or step_NNNNNNNN folder")
     export.add_argument("out", help="output .safetensors")
     export.set_defaults(func=cmd_export)
 
-    from pixeldit.data_pipelines.repa_arguments import add_repa_cache_arguments
+
+def _add_sample_evaluate_repa_cache(verbs):
+    """The verbs whose arguments live beside their jobs."""
+    from pixeldit.jobs.repa_cache_arguments import add_repa_cache_arguments
     from pixeldit.evaluation.evaluate_arguments import add_evaluate_arguments
-    from pixeldit.evaluation.sample_arguments import add_sample_arguments
+    from pixeldit.jobs.sample_arguments import add_sample_arguments
     sample = add_verb(verbs, "sample", help="sample images to an ADM .npz (one process or many under torchrun)")
     add_sample_arguments(sample)
     sample.set_defaults(func=cmd_sample)
@@ -372,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_repa_cache_arguments(repa)
     repa.set_defaults(func=cmd_repa_cache)
 
+
+def _add_plan(verbs):
     plan = add_verb(verbs, "plan", help="memory per rank, micro batch, time, cost, checkpoint and data rates "
                                          "of a config on N GPUs, per strategy (docs/planning.md)")
     _add_config_args(plan)
@@ -392,13 +425,26 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="the plan as JSON")
     plan.set_defaults(func=cmd_plan)
 
+
+def _add_config(verbs):
     config = add_verb(verbs, "config", help="print the resolved config as YAML")
     _add_config_args(config)
     config.add_argument("--out", default=None, help="write the YAML here instead of printing it")
     config.set_defaults(func=cmd_config)
 
+
+def _add_shards(verbs):
     shards = add_verb(verbs, "shards", help="write, verify, index or synthesise WebDataset shards")
     actions = shards.add_subparsers(dest="action", required=True)
+    _add_shards_write_and_synthetic(actions)
+    verify = add_verb(actions, "verify", help="check a manifest against its shards")
+    verify.add_argument("url")
+    verify.add_argument("--decode", action="store_true", help="also decode every image")
+    _add_shards_index(actions)
+    shards.set_defaults(func=cmd_shards)
+
+
+def _add_shards_write_and_synthetic(actions):
     write = add_verb(actions, "write", help="SRC (class folders or a 'path label' list) -> DST shards")
     write.add_argument("src")
     write.add_argument("dst", help="local folder or fsspec URL (s3://bucket/prefix, gs://...)")
@@ -415,9 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--shard-size", default=None, help="target bytes per shard, e.g. 500MB")
         p.add_argument("--workers", type=int, default=0, help="decode/encode processes")
         p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
-    verify = add_verb(actions, "verify", help="check a manifest against its shards")
-    verify.add_argument("url")
-    verify.add_argument("--decode", action="store_true", help="also decode every image")
+
+
+def _add_shards_index(actions):
     index = add_verb(actions, "index", help="manifest + DALI indexes for existing WebDataset shards (no rewrite)")
     index.add_argument("pattern", metavar="URL_PREFIX_OR_BRACE_PATTERN",
                        help="s3://b/train-{000000..000099}.tar, a folder, or a name prefix (its *.tar files)")
@@ -430,8 +476,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="labels must be below this (default: the largest label found + 1)")
     index.add_argument("--io-timeout", type=float, default=120.0, metavar="SECONDS",
                        help="deadline of each storage read or write, retries included (as data.io_timeout_s)")
-    shards.set_defaults(func=cmd_shards)
-    return parser
 
 
 def debug_enabled(args=None) -> bool:
