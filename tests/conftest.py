@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from tests.s3_server import faulty_s3, s3_bucket, s3_endpoint  # noqa: F401 - moto and the fault proxy, for every test
+
 # two-core CI machine: keep torch from oversubscribing when pytest runs subprocesses
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -29,5 +31,3 @@ def synthetic_shards(tmp_path_factory):
     write_shards(items, classes, root, shard_samples=40, progress=False)
     return root
 
-
-from tests.s3_server import faulty_s3, s3_bucket, s3_endpoint  # noqa: E402,F401 - shared fixtures
