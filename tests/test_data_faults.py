@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader, build_loader, join_all
+from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader, join_all
 from pixeldit.data_pipelines.manifest import load_manifest, save_manifest
 from pixeldit.data_pipelines.source import EpochPlan, Split
 from pixeldit.data_pipelines.tario import ShardWriter, intact_samples, iter_samples, parse_index
 from pixeldit.errors import ConfigError, DataError, PixelDiTError
 from pixeldit.platform.config import load_config
+from tests.loaders import config_loader
 
 BATCH, KEPT = 8, 230 // 8 * 8  # the synthetic set: 230 samples, 10 classes
 
@@ -177,8 +178,8 @@ def test_model_class_count_is_checked_against_the_manifest(synthetic_shards):
     for classes in (4, 11):
         with pytest.raises(ConfigError, match=f"model.num_classes={classes} but .* has 10 classes; "
                                               f"train with --set model.num_classes=10"):
-            build_loader(cfg(classes), 0, 1)
-    assert len(build_loader(cfg(10), 0, 1)) == KEPT // 8
+            config_loader(cfg(classes), 0, 1)
+    assert len(config_loader(cfg(10), 0, 1)) == KEPT // 8
 
 
 def test_sampling_draws_only_the_classes_the_runs_data_had():

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixeldit.data_pipelines.loader import BatchBuffers, LoaderSpec, ShardLoader, build_loader, to_model_input
+from pixeldit.data_pipelines.loader import BatchBuffers, LoaderSpec, ShardLoader, to_model_input
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.data_pipelines.source import EpochPlan, Split
 from pixeldit.platform.config import load_config
+from tests.loaders import config_loader
 
 
 def spec_for(root, *, batch=8, world=1, rank=0, lanes=1, window=16, seed=0, hflip=False, size=16):
@@ -190,7 +191,7 @@ def test_a_batch_larger_than_the_inbox_grows_it_and_decodes_the_same(photo_shard
     from pixeldit.data_pipelines.source import ShardReader
 
     manifest = load_manifest(photo_shards["root"])
-    from pixeldit.data_pipelines.loader import image_bytes
+    from pixeldit.data_pipelines.samples import image_bytes
     reader = ShardReader(manifest, photo_shards["root"])
     datas = [bytes(image_bytes(files)) for _, _, files in reader.read_run(0, 0, manifest.shards[0].samples)][:6]
     out, segment = shared_array((len(datas), 64, 64, 3))
@@ -377,14 +378,14 @@ def test_resume_with_another_world_size_continues_at_the_same_global_position(sy
 def test_build_loader_from_config_and_model_input(synthetic_shards):
     cfg = load_config(None, [f"data.source={synthetic_shards}", "data.image_size=16", "train.global_batch=8",
                              "train.micro_batch=4", "data.num_workers=2"])
-    loader = build_loader(cfg, rank=1, world_size=2)
+    loader = config_loader(cfg, rank=1, world_size=2)
     batch = next(iter(loader))
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, 16, 16)
     x, y = to_model_input(batch, "cpu")
     assert x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1 and y.dtype == torch.int64
     assert torch.allclose(x, batch["image"].float() / 127.5 - 1)
     with pytest.raises(FileNotFoundError, match="no shard manifest"):
-        build_loader(load_config(None, ["data.source=/nonexistent", "data.image_size=16"]), 0, 1)
+        config_loader(load_config(None, ["data.source=/nonexistent", "data.image_size=16"]), 0, 1)
 
 
 def test_load_time_crop_equals_the_offline_crop_on_the_pil_path(photo_shards, tmp_path):

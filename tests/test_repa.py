@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pixeldit.cli import main
 from pixeldit.data_pipelines.features import decode, load_feature_manifest, mirror_grid
-from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader, build_loader
+from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.data_pipelines.source import Split
 from pixeldit.storage import filesystem, join, strip_protocol
@@ -17,6 +17,7 @@ from pixeldit.data_pipelines.tario import iter_samples
 from pixeldit.models.dinov2 import load_dinov2, resize_pos_embed_like_meta
 from pixeldit.platform.config import load_config
 from tests.encoders import META_GRID, meta_state_dict, save_meta_weights
+from tests.loaders import config_loader
 
 SIZE = 32  # 32 px images: 2 x 2 PixelDiT patches, DINOv2 input 28 px = 2 x 2 tokens
 
@@ -48,7 +49,7 @@ def shard_samples(url, options=None):
 
 def image_batch(images, keys):
     """uint8 images of the given keys straight from the image shards."""
-    from pixeldit.data_pipelines.loader import decode_image, image_bytes
+    from pixeldit.data_pipelines.samples import decode_image, image_bytes
     manifest = load_manifest(images)
     found = {}
     for shard in manifest.shards:
@@ -141,8 +142,8 @@ def test_cache_mirrors_the_image_shards_and_resumes_per_shard(images, weights, t
 
     # resume: a run that stopped before the manifest, and lost one shard's record, redoes that shard only
     rerun = str(tmp_path / "rerun")
-    from pixeldit.data_pipelines import repa_cache
-    monkeypatch.setattr(repa_cache, "_finish", lambda *a, **k: None)  # "crash" before the manifest
+    from pixeldit.jobs import repa_cache
+    monkeypatch.setattr(repa_cache, "finish_manifest", lambda *a, **k: None)  # "crash" before the manifest
     assert cache(images, rerun, weights) == 0
     monkeypatch.undo()
     first = manifest.shards[0].name
@@ -156,9 +157,9 @@ def test_cache_mirrors_the_image_shards_and_resumes_per_shard(images, weights, t
 
 
 def test_a_resume_with_other_settings_is_refused(images, weights, tmp_path, capsys, monkeypatch):
-    from pixeldit.data_pipelines import repa_cache
+    from pixeldit.jobs import repa_cache
     out = str(tmp_path / "f")
-    monkeypatch.setattr(repa_cache, "_finish", lambda *a, **k: None)
+    monkeypatch.setattr(repa_cache, "finish_manifest", lambda *a, **k: None)
     assert cache(images, out, weights) == 0
     assert cache(images, out, weights, "--dtype", "int8") == 2
     assert "other settings (dtype)" in capsys.readouterr().err
@@ -251,7 +252,7 @@ def test_features_of_other_images_or_shapes_are_refused(images, weights, tmp_pat
                              "repa.mode=cached", f"repa.features={out}", "repa.block=2", "repa.encoder_dim=768",
                              "train.global_batch=8", "train.micro_batch=8"])
     with pytest.raises(ValueError, match="64-wide features.*repa.encoder_dim=768"):
-        build_loader(cfg, 0, 1)
+        config_loader(cfg, 0, 1)
     # the same shard names and keys, but another version of the image set (its manifest changed)
     import shutil
     changed = tmp_path / "changed_images"
@@ -262,7 +263,7 @@ def test_features_of_other_images_or_shapes_are_refused(images, weights, tmp_pat
                              "model.patch_size=16", "repa.mode=cached", f"repa.features={wide}", "repa.block=2",
                              "repa.encoder_dim=32", "train.global_batch=8", "train.micro_batch=8"])
     with pytest.raises(ValueError, match="another version of"):
-        build_loader(cfg, 0, 1)
+        config_loader(cfg, 0, 1)
 
 
 def test_cache_to_s3_and_stream_it_back(s3_endpoint, s3_bucket, images, weights, tmp_path):
@@ -280,7 +281,7 @@ def test_cache_to_s3_and_stream_it_back(s3_endpoint, s3_bucket, images, weights,
                              f"data.image_size={SIZE}", "model.name=pixeldit-tiny", "model.patch_size=16", "repa.mode=cached",
                              f"repa.features={remote}", "repa.block=2", "repa.encoder_dim=64",
                              "train.global_batch=10", "train.micro_batch=10"])
-    batch = next(iter(build_loader(cfg, 0, 1)))
+    batch = next(iter(config_loader(cfg, 0, 1)))
     assert batch["repa"].shape == (10, 4, 64)
 
 
@@ -329,7 +330,7 @@ def test_repa_weight_zero_leaves_the_diffusion_training_alone(images, weights, t
 def _cache_and_train(rank, world, images, weights, root):
     import torch.distributed as dist
 
-    from pixeldit.data_pipelines.repa_cache import cache_features
+    from pixeldit.jobs.repa_cache import cache_features
     from pixeldit.platform.trainer import Trainer
     cache_features(images, os.path.join(root, "features"), load_dinov2(weights, SIZE), rank=rank, world=world,
                    batch_size=7, progress=False)

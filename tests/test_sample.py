@@ -333,6 +333,6 @@ def test_cli_names_a_bad_source(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", str(empty), "--out", "x.npz", "--classes", "3-1"])
     from pixeldit.diffusion import SAMPLERS
-    from pixeldit.evaluation.sample_arguments import SAMPLERS as CHOICES
+    from pixeldit.jobs.sample_arguments import SAMPLERS as CHOICES
     assert CHOICES == SAMPLERS  # the argument module keeps its own copy to stay free of torch
 

@@ -20,12 +20,12 @@ from PIL import Image
 
 from pixeldit.cli import main
 from pixeldit.data_pipelines.index_shards import index_shards
-from pixeldit.data_pipelines.loader import build_loader
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.storage import AccessDenied, StorageTimeout
 from pixeldit.data_pipelines.verify import verify_shards
 from pixeldit.errors import ConfigError, DataError, MissingFileError
 from pixeldit.platform.config import load_config
+from tests.loaders import config_loader
 
 
 def jpeg(i: int, size=(8, 8)) -> bytes:
@@ -64,7 +64,7 @@ def epoch(root: str, batch: int, decoder="pil", endpoint=None, classes=5) -> lis
                  f"model.num_classes={classes}"]
     if endpoint:
         overrides.append(f"data.endpoint_url={endpoint}")
-    loader = build_loader(load_config(None, overrides), 0, 1)
+    loader = config_loader(load_config(None, overrides), 0, 1)
     return [(k, int(label)) for b in loader for k, label in zip(b["key"], b["label"].tolist())]
 
 

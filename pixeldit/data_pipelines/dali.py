@@ -18,26 +18,24 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from . import images
-from .loader import LoaderSpec, admit, flip_coin, lane_batches, sample_target, shard_name, skip, stack_targets
-from .source import ReadStats, interleave, lane_position
+from .lanes import LoaderSpec, rank_groups
+from .samples import AdmittedSample, admit, drop_undecodable, shard_name, to_batch
+from .source import ReadStats
 
 log = logging.getLogger(__name__)
 _END = object()
 
 
 def _reader_thread(spec: LoaderSpec, epoch: int, batches_done: int, out: queue.Queue, stop: threading.Event):
-    lanes = spec.split.lanes
     try:
-        groups = interleave([lane_batches(spec, epoch, lane, lane_position(batches_done, lanes, lane), decode=False)
-                             for lane in range(lanes)], start=batches_done % lanes)
-        for group, stats in groups:
+        for group, stats in rank_groups(spec, epoch, batches_done):
             if stop.is_set():
                 return
             out.put((group, stats))
@@ -76,14 +74,76 @@ def _build_pipeline(spec: LoaderSpec, source, device: torch.device, prefetch: in
 @dataclass
 class FedBatch:
     """A batch whose samples went to DALI (or, with none left, stays out of it), awaiting its pixels."""
-    encoded: list       # what DALI decodes, one uint8 array per sample
-    flips: list
-    labels: list[int]
-    keys: list[str]
-    indices: list[int]
+    samples: list[AdmittedSample]
     stats: ReadStats
-    targets: list
-    raws: list          # the samples, to name them if the batch has to be decoded here
+    encoded: list[np.ndarray] = field(init=False)  # what DALI decodes, one uint8 array per sample
+
+    def __post_init__(self):
+        self.encoded = [np.frombuffer(s.data, dtype=np.uint8) for s in self.samples]
+
+
+class Feed:
+    """The reader thread's batches on their way into DALI, in order.
+
+    `pending` holds what DALI has taken and not yet returned, empty batches included (they never
+    reach DALI, which refuses an empty batch, but keep their place in the order); `refeed` holds
+    what a failed pipeline had taken, for the next one to take again.
+    """
+
+    def __init__(self, spec: LoaderSpec, epoch: int, batches_done: int, prefetch: int):
+        self.spec, self.epoch = spec, epoch
+        self.pending: collections.deque[FedBatch] = collections.deque()
+        self.refeed: collections.deque[FedBatch] = collections.deque()
+        self.queue: queue.Queue = queue.Queue(maxsize=prefetch + 2)
+        self.stop = threading.Event()
+        self.reader_error: BaseException | None = None  # what the reader raised, unwrapped from DALI's error
+        self.reader = threading.Thread(target=_reader_thread, args=(spec, epoch, batches_done, self.queue, self.stop),
+                                       daemon=True, name=f"pixeldit-dali-reader-{epoch}")
+        self.reader.start()
+
+    def source(self):
+        """DALI's external source: the next batch with samples (DALI calls it from the thread that asks
+        its iterator for a batch, never concurrently)."""
+        while True:
+            if self.refeed:
+                fed = self.refeed.popleft()
+            else:
+                item = self.queue.get()
+                if item is _END:
+                    raise StopIteration
+                if isinstance(item, BaseException):
+                    self.reader_error = item
+                    raise item
+                group, stats = item
+                fed = FedBatch(admit(self.spec, self.epoch, group, stats), stats)
+            self.pending.append(fed)
+            if fed.samples:
+                return fed.encoded, [np.int32(s.flipped) for s in fed.samples], *_geometry(self.spec, fed)
+
+    def empty_batches(self, device: torch.device) -> Iterator[dict]:
+        """The batches at the front of the order that every sample left before DALI."""
+        while self.pending and not self.pending[0].samples:
+            yield to_batch_of(self.spec, self.pending.popleft(), _no_pixels(self.spec, device))
+
+    def take_back(self) -> FedBatch:
+        """The batch a pipeline failed on; the batches it had taken after it go to the next pipeline."""
+        fed = self.pending.popleft()
+        self.refeed.extendleft(reversed(self.pending))
+        self.pending.clear()
+        return fed
+
+    def close(self, join_deadline_s: float):
+        self.stop.set()
+        deadline = time.monotonic() + join_deadline_s
+        while self.reader.is_alive() and time.monotonic() < deadline:  # unblock a reader waiting on a full queue
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                self.reader.join(timeout=0.1)
+        if self.reader.is_alive():
+            log.error("the DALI reader thread %s is still reading epoch %d %.0fs after the epoch stopped "
+                      "(a storage read past its deadline?): left behind", self.reader.name, self.epoch,
+                      join_deadline_s)
 
 
 def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.device, prefetch: int = 2,
@@ -94,99 +154,42 @@ def dali_batches(spec: LoaderSpec, epoch: int, batches_done: int, device: torch.
     decodes completely was not lost to its content, and DALI's error stands."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    pending: collections.deque[FedBatch] = collections.deque()  # in feed order, empty ones included
-    refeed: collections.deque[FedBatch] = collections.deque()   # taken by a pipeline that failed
-    feed: queue.Queue = queue.Queue(maxsize=prefetch + 2)
-    stop = threading.Event()
-    reader = threading.Thread(target=_reader_thread, args=(spec, epoch, batches_done, feed, stop), daemon=True,
-                              name=f"pixeldit-dali-reader-{epoch}")
-    reader.start()
-    source_error: list[BaseException] = []  # what the reader raised, unwrapped from DALI's error
-
-    # DALI calls this from the thread that asks its iterator for a batch (never concurrently)
-    def source():
-        while True:
-            if refeed:
-                fed = refeed.popleft()
-            else:
-                item = feed.get()
-                if item is _END:
-                    raise StopIteration
-                if isinstance(item, BaseException):
-                    source_error.append(item)
-                    raise item
-                fed = _admit_batch(spec, epoch, *item)
-            pending.append(fed)
-            if fed.encoded:  # DALI refuses an empty batch: one with every sample skipped stays out of it
-                return fed.encoded, fed.flips, *_geometry(spec, fed)
+    feed = Feed(spec, epoch, batches_done, prefetch)
 
     def start():
-        pipe = _build_pipeline(spec, source, device, prefetch, threads)
+        pipe = _build_pipeline(spec, feed.source, device, prefetch, threads)
         return pipe, DALIGenericIterator(pipe, ["image"], last_batch_policy=LastBatchPolicy.PARTIAL,
                                          auto_reset=False, prepare_first_batch=False)
 
     pipe, iterator = start()
     try:
         while True:
-            while pending and not pending[0].encoded:
-                yield _to_batch(spec, pending.popleft(), _no_pixels(spec, device))
+            yield from feed.empty_batches(device)
             try:
                 out = next(iterator)
             except StopIteration:
                 break
             except RuntimeError as e:
-                if source_error:
-                    raise source_error[0] from None
-                while pending and not pending[0].encoded:
-                    yield _to_batch(spec, pending.popleft(), _no_pixels(spec, device))
-                if not pending:
+                if feed.reader_error is not None:
+                    raise feed.reader_error from None
+                yield from feed.empty_batches(device)
+                if not feed.pending:
                     raise
                 # a pipeline that failed once stops early on a later failure: the batch it failed on is
                 # decoded here, and a new pipeline takes the batches the old one had taken, in order
-                fed = pending.popleft()
-                pixels = _decode_here(spec, epoch, fed, device, e)
-                refeed.extendleft(reversed(pending))
-                pending.clear()
+                fed = feed.take_back()
+                pixels = _decode_here(spec, fed, device, e)
                 del iterator, pipe
                 pipe, iterator = start()
-                yield _to_batch(spec, fed, pixels)
+                yield to_batch_of(spec, fed, pixels)
                 continue
-            while not pending[0].encoded:
-                yield _to_batch(spec, pending.popleft(), _no_pixels(spec, device))
-            yield _to_batch(spec, pending.popleft(), out[0]["image"].permute(0, 3, 1, 2))
-        while pending:
-            yield _to_batch(spec, pending.popleft(), _no_pixels(spec, device))
+            yield from feed.empty_batches(device)
+            yield to_batch_of(spec, feed.pending.popleft(), out[0]["image"].permute(0, 3, 1, 2))
+        while feed.pending:
+            yield to_batch_of(spec, feed.pending.popleft(), _no_pixels(spec, device))
     finally:
-        stop.set()
-        deadline = time.monotonic() + join_deadline_s
-        while reader.is_alive() and time.monotonic() < deadline:  # unblock a reader waiting on a full queue
-            try:
-                feed.get_nowait()
-            except queue.Empty:
-                reader.join(timeout=0.1)
-        if reader.is_alive():
-            log.error("the DALI reader thread %s is still reading epoch %d %.0fs after the epoch stopped "
-                      "(a storage read past its deadline?): left behind", reader.name, epoch, join_deadline_s)
+        feed.close(join_deadline_s)
         del iterator, pipe
-
-
-def _admit_batch(spec: LoaderSpec, epoch: int, group: list, stats: ReadStats) -> FedBatch:
-    fed = FedBatch([], [], [], [], [], stats, [], [])
-    for raw in group:
-        admitted = admit(spec, raw, stats)
-        if admitted is None:
-            continue
-        data, label = admitted
-        flipped = spec.hflip and flip_coin(spec.seed, epoch, raw.canonical)
-        fed.encoded.append(np.frombuffer(data, dtype=np.uint8))
-        fed.flips.append(np.int32(flipped))
-        if spec.features is not None:
-            fed.targets.append(sample_target(spec, raw, flipped))
-        fed.labels.append(label)
-        fed.keys.append(raw.key)
-        fed.indices.append(raw.canonical)
-        fed.raws.append(raw)
-    return fed
 
 
 def _geometry(spec: LoaderSpec, fed: FedBatch) -> tuple[list, list]:
@@ -206,23 +209,18 @@ def _geometry(spec: LoaderSpec, fed: FedBatch) -> tuple[list, list]:
     return sizes, anchors
 
 
-def _decode_here(spec: LoaderSpec, epoch: int, fed: FedBatch, device: torch.device, error: RuntimeError):
+def _decode_here(spec: LoaderSpec, fed: FedBatch, device: torch.device, error: RuntimeError):
     """The batch DALI failed on, decoded on the CPU; the samples that will not decode leave it."""
     size = spec.image_size
-    pixels = np.empty((len(fed.encoded), size, size, 3), dtype=np.uint8)
-    failures = images.decode_batch([e.tobytes() for e in fed.encoded], pixels, spec.needs_resize(),
-                                   [bool(f) for f in fed.flips])
+    pixels = np.empty((len(fed.samples), size, size, 3), dtype=np.uint8)
+    failures = images.decode_batch([s.data for s in fed.samples], pixels, spec.needs_resize(),
+                                   [s.flipped for s in fed.samples])
     if not failures:
-        raise RuntimeError(f"DALI failed on a batch of {', '.join(sorted({_shard_of(spec, i) for i in fed.indices}))} "
-                           f"that decodes on the CPU: {error}") from error
+        shards = sorted({shard_name(spec.manifest, s.raw.canonical) for s in fed.samples})
+        raise RuntimeError(f"DALI failed on a batch of {', '.join(shards)} that decodes on the CPU: {error}") from error
     log.warning("DALI could not decode a batch; decoded it on the CPU, skipping %d sample(s)", len(failures))
-    for i in sorted(failures, reverse=True):
-        skip(fed.stats, spec, fed.raws[i], "undecodable", failures[i])
-        for column in (fed.labels, fed.keys, fed.indices, fed.raws):
-            del column[i]
-        if fed.targets:
-            del fed.targets[i]
-    return torch.from_numpy(pixels[:len(fed.keys)]).to(device).permute(0, 3, 1, 2)
+    fed.samples = drop_undecodable(spec, fed.samples, failures, fed.stats)
+    return torch.from_numpy(pixels[:len(fed.samples)]).to(device).permute(0, 3, 1, 2)
 
 
 def _no_pixels(spec: LoaderSpec, device: torch.device) -> torch.Tensor:
@@ -230,12 +228,8 @@ def _no_pixels(spec: LoaderSpec, device: torch.device) -> torch.Tensor:
     return torch.empty((0, size, size, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
 
 
-def _to_batch(spec: LoaderSpec, fed: FedBatch, image: torch.Tensor) -> dict:
-    batch = {"image": image, "label": torch.tensor(fed.labels, dtype=torch.int64), "key": fed.keys,
-             "index": torch.tensor(fed.indices, dtype=torch.int64), "stats": fed.stats}
-    if spec.features is not None:
-        batch["repa"] = stack_targets(spec, fed.targets)
-    return batch
+def to_batch_of(spec: LoaderSpec, fed: FedBatch, image: torch.Tensor) -> dict:
+    return to_batch(spec, fed.samples, image, fed.stats)
 
 
 def image_size_of(data: bytes) -> tuple[int, int]:
@@ -243,7 +237,3 @@ def image_size_of(data: bytes) -> tuple[int, int]:
     from PIL import Image
     with Image.open(io.BytesIO(data)) as img:
         return img.size
-
-
-def _shard_of(spec: LoaderSpec, canonical: int) -> str:
-    return shard_name(spec.manifest, canonical)

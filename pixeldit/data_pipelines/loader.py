@@ -1,10 +1,11 @@
-"""`build_loader(cfg, rank, world_size)`: batches {image uint8, label, key} from shards, resumable.
+"""`build_loader(settings, rank, world_size)`: batches {image uint8, label, key} from shards, resumable.
 
-Two decoders share one sample source (source.py): `pil` reads the lanes on threads of this
-process and has persistent decode processes (decode_processes.py) decode each batch into shared
-memory that becomes the batch tensor; `dali` gets the encoded bytes from the same lanes and
-decodes with DALI (`mixed` on a GPU, `cpu` otherwise). Either way the rank sees the same keys in
-the same order, and `state_dict()` after k batches lets a new loader continue with batch k + 1.
+Two decoders share one sample source (source.py, lanes.py) and one per-sample record
+(samples.py): `pil` reads the lanes on threads of this process and has persistent decode
+processes (decode_processes.py) decode each batch into shared memory that becomes the batch
+tensor; `dali` (dali.py) gets the encoded bytes from the same lanes and decodes with DALI
+(`mixed` on a GPU, `cpu` otherwise). Either way the rank sees the same keys in the same order,
+and `state_dict()` after k batches lets a new loader continue with batch k + 1.
 """
 
 from __future__ import annotations
@@ -22,36 +23,20 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..diffusion.randomness import stream_seed
 from ..errors import CheckpointError, ConfigError, DataError
-from . import images
-from .decode_processes import DecodeProcess, DecodeProcesses, Inbox, Segment, shared_array
-from .features import (
-    FeatureManifest,
-    LockstepReader,
-    check_mirrors,
-    load_feature_manifest,
-    repa_files,
-)
-from .features import decode as decode_features
-from .index_shards import label_from
-from .manifest import Manifest, manifest_url, read_manifest
-from .source import (
-    EpochPlan,
-    ReadStats,
-    ShardReader,
-    Split,
-    interleave,
-    iter_lane,
-    lane_position,
-)
 from ..storage import storage_options
-from .tario import DamagedSample
+from . import images
+from .dali import dali_batches
+from .decode_processes import DecodeProcess, DecodeProcesses, Inbox, Segment, shared_array
+from .features import FeatureManifest, check_mirrors, load_feature_manifest
+from .lanes import Group, LoaderSpec, every_lane, rank_groups
+from .manifest import Manifest, manifest_url, read_manifest
+from .samples import admit, drop_undecodable, to_batch
+from .source import ReadStats, Split, lane_position
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 THREADS_PER_PROCESS = 2  # one reads the next batch while the other's batch is being decoded
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def to_model_input(batch: dict, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,112 +48,6 @@ def to_model_input(batch: dict, device, dtype=torch.float32) -> tuple[torch.Tens
 def repa_target(batch: dict, device) -> torch.Tensor:
     """The batch's cached REPA targets (B, T, C) as fp32 on `device` (shipped in 16 bits)."""
     return batch["repa"].to(device, non_blocking=True).float()
-
-
-def sample_target(spec: LoaderSpec, raw, flipped: bool) -> torch.Tensor:
-    where = f"{spec.features_root} (sample {raw.key!r})"
-    return decode_features(repa_files(raw.files), spec.features, flipped, where)
-
-
-def flip_coin(seed: int, epoch: int, canonical: int) -> bool:
-    """Per-sample flip decision, decoder-independent: both decoders flip the same images."""
-    return bool(stream_seed(seed, 13, epoch, canonical) & 1)
-
-
-@dataclass(frozen=True)
-class LoaderSpec:
-    """Everything a worker needs to rebuild its lane (picklable, small)."""
-    manifest: Manifest
-    root: str
-    image_size: int
-    batch: int
-    seed: int
-    split: Split
-    window: int
-    hflip: bool
-    options: dict | None
-    features: FeatureManifest | None = None   # REPA feature shards read in lockstep, when cached
-    features_root: str | None = None
-
-    def needs_resize(self) -> bool:
-        policy = self.manifest.image
-        return not (policy.mode == "adm" and policy.size == self.image_size)
-
-
-def image_bytes(files: dict[str, bytes]) -> bytes | None:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in files:
-            return files[ext]
-    return None
-
-
-class Unusable(Exception):
-    """A sample whose content cannot train: skipped and counted under `reason`, never fatal alone."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-def label_of(files: dict[str, bytes], manifest: Manifest) -> int:
-    """The sample's class, read from the manifest's label sources as `shards index` read it, and
-    checked against the manifest's classes (a label equal to the class count would pass for the
-    guidance null class, a larger one would fail inside the model)."""
-    num_classes = len(manifest.classes)
-    cls = files.get("cls") if manifest.label_sources[0] == "cls" else None
-    # the common case without label_from's regex: plain ASCII digits are what it would accept
-    text = bytes(cls).strip() if cls is not None else b""
-    if text.isdigit():
-        label = int(text)
-    else:
-        _, label, problem = label_from(files, tuple(manifest.label_sources))
-        if problem is not None:
-            raise Unusable("bad_label", problem)
-    if not 0 <= label < num_classes:
-        raise Unusable("label_out_of_range", f"label {label} is outside the manifest's classes 0..{num_classes - 1}")
-    return label
-
-
-def shard_name(manifest: Manifest, canonical: int) -> str:
-    counts = np.cumsum([s.samples for s in manifest.shards])
-    return manifest.shards[int(np.searchsorted(counts, canonical, side="right"))].name
-
-
-def admit(spec: LoaderSpec, raw, stats: ReadStats) -> tuple[bytes, int] | None:
-    """(image bytes, label) of a sample worth decoding; anything else is skipped and counted here."""
-    try:
-        if isinstance(raw.files, DamagedSample):
-            raise Unusable(raw.files.reason, raw.files.detail)
-        data = image_bytes(raw.files)
-        if data is None:
-            raise Unusable("no_image", f"no image among {sorted(raw.files)}")
-        return data, label_of(raw.files, spec.manifest)
-    except Unusable as e:
-        skip(stats, spec, raw, e.reason, e.detail)
-        return None
-
-
-# (root, shard) warned about once in this process: a cut shard skips every sample after the cut, every epoch
-_truncated_shards: set[tuple[str, str]] = set()
-
-
-def skip(stats: ReadStats, spec: LoaderSpec, raw, reason: str, detail: str):
-    shard = shard_name(spec.manifest, raw.canonical)
-    stats.skip(reason, shard, raw.key, detail)
-    if reason != "truncated":
-        log.warning("skipping sample %r of %s (%s): %s", raw.key, shard, reason, detail)
-    elif (spec.root, shard) not in _truncated_shards:  # two threads may both warn once: harmless
-        _truncated_shards.add((spec.root, shard))
-        log.warning("skipping sample %r of %s (truncated): %s; the shard's other samples after the cut are "
-                    "skipped and counted without a warning (data/skipped/truncated, skipped.jsonl)",
-                    raw.key, shard, detail)
-
-
-def decode_image(data: bytes, size: int, crop: bool) -> torch.Tensor:
-    """(3, S, S) uint8 (a view of pixel-order memory), for callers that decode one image at a time."""
-    out = np.empty((size, size, 3), dtype=np.uint8)
-    images.decode_into(data, out, crop)
-    return torch.from_numpy(out).permute(2, 0, 1)
 
 
 class BatchBuffers:
@@ -253,8 +132,8 @@ def decode_in(process: DecodeProcess, buffers: BatchBuffers, inbox: Inbox):
     return decode
 
 
-def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats, buffers: BatchBuffers,
-             decode=decode_here) -> dict:
+def collate(spec: LoaderSpec, epoch: int, group: list, stats: ReadStats, buffers: BatchBuffers,
+            decode=decode_here) -> dict:
     """Decode one batch; a sample that will not decode is skipped and counted.
 
     Each image is decoded into its slot of the batch. The batch is (B, 3, H, W) in channels-last
@@ -263,66 +142,11 @@ def _collate(spec: LoaderSpec, epoch: int, samples: list, stats: ReadStats, buff
     conversion absorbs the layout.
     """
     size = spec.image_size
-    pixels = buffers.take((len(samples), size, size, 3))
-    present, datas, labels_of_present = [], [], []
-    for raw in samples:
-        admitted = admit(spec, raw, stats)
-        if admitted is None:
-            continue
-        present.append(raw)
-        datas.append(admitted[0])
-        labels_of_present.append(admitted[1])
-    flips = [spec.hflip and flip_coin(spec.seed, epoch, raw.canonical) for raw in present]
-    failures = decode(datas, pixels, spec.needs_resize(), flips)
-    labels, keys, indices, targets = [], [], [], []
-    for i, (raw, flipped, label) in enumerate(zip(present, flips, labels_of_present)):
-        if i in failures:
-            skip(stats, spec, raw, "undecodable", failures[i])
-            continue
-        if spec.features is not None:
-            targets.append(sample_target(spec, raw, flipped))
-        labels.append(label)
-        keys.append(raw.key)
-        indices.append(raw.canonical)
-    image = pixels[:len(keys)].permute(0, 3, 1, 2)
-    batch = {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
-             "index": torch.tensor(indices, dtype=torch.int64), "stats": stats}
-    if spec.features is not None:
-        batch["repa"] = stack_targets(spec, targets)
-    return batch
-
-
-def stack_targets(spec: LoaderSpec, targets: list[torch.Tensor]) -> torch.Tensor:
-    f = spec.features
-    dtype = torch.bfloat16 if f.dtype == "bf16" else torch.float16
-    return torch.stack(targets) if targets else torch.empty(0, f.tokens, f.dim, dtype=dtype)
-
-
-def batched(items: Iterator, size: int) -> Iterator[list]:
-    """Lists of `size` items; the last one may be shorter."""
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def lane_batches(spec: LoaderSpec, epoch: int, lane: int, start_batch: int, decode: bool = True,
-                 buffers: BatchBuffers | None = None) -> Iterator[dict]:
-    plan = EpochPlan(spec.manifest, spec.seed, epoch, spec.split)
-    reader = ShardReader(spec.manifest, spec.root, spec.options)
-    if spec.features is not None:
-        reader = LockstepReader(reader, ShardReader(spec.features, spec.features_root, spec.options))
-    samples = iter_lane(plan, reader, lane, spec.window, start_batch * spec.batch)
-    buffers = buffers or BatchBuffers()
-    for group in batched(samples, spec.batch):
-        if len(group) != spec.batch:
-            raise AssertionError("lanes are batch-aligned; a partial batch means a planning bug")
-        stats, reader.stats = reader.stats, ReadStats()
-        yield _collate(spec, epoch, group, stats, buffers) if decode else (group, stats)
+    pixels = buffers.take((len(group), size, size, 3))
+    samples = admit(spec, epoch, group, stats)
+    failures = decode([s.data for s in samples], pixels, spec.needs_resize(), [s.flipped for s in samples])
+    samples = drop_undecodable(spec, samples, failures, stats)
+    return to_batch(spec, samples, pixels[:len(samples)].permute(0, 3, 1, 2), stats)
 
 
 def batches_in_flight(threads: int, prefetch: int) -> int:
@@ -345,6 +169,78 @@ def join_all(threads: list[threading.Thread], deadline_s: float, doing: dict[str
                   len(stuck), deadline_s, "; ".join(stuck))
 
 
+class LaneTurns:
+    """Reads each lane's batches in order, whichever thread claimed them: the thread with a lane's
+    batch at position p waits until the batch at p − 1 was read. The read itself is outside the
+    lock, so other lanes stream at the same time (object storage latency)."""
+
+    def __init__(self, spec: LoaderSpec, epoch: int, batches_done: int, doing: dict[str, str]):
+        self.lanes = spec.split.lanes
+        self.groups = every_lane(spec, epoch, batches_done)
+        self.turn = [lane_position(batches_done, self.lanes, lane) for lane in range(self.lanes)]
+        turns = threading.Lock()
+        self.changed = [threading.Condition(turns) for _ in range(self.lanes)]  # wakes only that lane's threads
+        self.doing = doing  # by thread name: what it is busy with, for a join that times out
+
+    def read(self, k: int) -> Group:
+        lane, position = k % self.lanes, k // self.lanes
+        me = threading.current_thread().name
+        self.doing[me] = f"waiting to read batch {k} (lane {lane})"
+        with self.changed[lane]:
+            self.changed[lane].wait_for(lambda: self.turn[lane] == position)
+        self.doing[me] = f"reading batch {k} (lane {lane}) from storage"
+        try:
+            return next(self.groups[lane])
+        finally:
+            with self.changed[lane]:
+                self.turn[lane] += 1
+                self.changed[lane].notify_all()
+
+
+class Claims:
+    """Which batch a decode thread takes next, and the finished batches the consumer takes in order.
+
+    A thread claims the next batch while fewer than `ahead` batches are claimed past those
+    delivered; a finished batch (or the exception that stopped it) waits under its number.
+    """
+
+    def __init__(self, first: int, total: int, ahead: int):
+        self.total, self.ahead = total, ahead
+        state = threading.Lock()
+        self.room, self.ready = threading.Condition(state), threading.Condition(state)  # threads, consumer
+        self.claimed, self.delivered, self.stopped = first, first, False
+        self.finished: dict[int, dict | BaseException] = {}
+
+    def claim(self) -> int | None:
+        """The next batch to decode, or None when the epoch is all claimed or stopped."""
+        with self.room:
+            self.room.wait_for(lambda: self.stopped or self.claimed >= self.total
+                               or self.claimed < self.delivered + self.ahead)
+            if self.stopped or self.claimed >= self.total:
+                return None
+            k, self.claimed = self.claimed, self.claimed + 1
+            return k
+
+    def finish(self, k: int, batch: dict | BaseException):
+        with self.ready:
+            self.finished[k] = batch
+            self.ready.notify()
+
+    def take(self, k: int) -> dict | BaseException:
+        with self.ready:
+            self.ready.wait_for(lambda: k in self.finished)
+            batch = self.finished.pop(k)
+            self.delivered = k + 1
+            self.room.notify()  # one more batch may be claimed
+        return batch
+
+    def stop(self):
+        """Threads finish the batch in hand and claim no other."""
+        with self.room:
+            self.stopped = True
+            self.room.notify_all()
+
+
 def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes: DecodeProcesses, prefetch: int,
                      buffers: BatchBuffers, pin: bool, join_deadline_s: float = 300.0) -> Iterator[dict]:
     """The rank's batches in lane order, each read by whichever thread is free and decoded by its process.
@@ -358,78 +254,41 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
     batches into page-locked memory for asynchronous copies to the GPU, as DataLoader's
     pin_memory does (shared memory is not page-locked).
     """
-    lanes = spec.split.lanes
-    total = EpochPlan(spec.manifest, spec.seed, epoch, spec.split).batches_per_rank
-    groups = [lane_batches(spec, epoch, lane, lane_position(batches_done, lanes, lane), decode=False)
-              for lane in range(lanes)]
-    read_turn = [lane_position(batches_done, lanes, lane) for lane in range(lanes)]
-    turns = threading.Lock()
-    turn_changed = [threading.Condition(turns) for _ in range(lanes)]  # wakes only the threads of that lane
-    state = threading.Lock()  # guards: claimed, delivered, finished, stopped
-    room, ready = threading.Condition(state), threading.Condition(state)  # for the threads, for the consumer
-    claimed, delivered, finished, stopped = batches_done, batches_done, {}, False
-    ahead = batches_in_flight(THREADS_PER_PROCESS * processes.count, prefetch)
-    doing: dict[str, str] = {}  # by thread name: what it is busy with, for a join that times out
+    total = spec.batches_per_rank(epoch)
+    doing: dict[str, str] = {}
+    turns = LaneTurns(spec, epoch, batches_done, doing)
+    claims = Claims(batches_done, total, batches_in_flight(THREADS_PER_PROCESS * processes.count, prefetch))
 
-    def read(k: int):
-        lane, position = k % lanes, k // lanes
-        doing[threading.current_thread().name] = f"waiting to read batch {k} (lane {lane})"
-        with turn_changed[lane]:
-            turn_changed[lane].wait_for(lambda: read_turn[lane] == position)
-        doing[threading.current_thread().name] = f"reading batch {k} (lane {lane}) from storage"
-        try:  # outside the lock: other lanes stream at the same time (object storage latency)
-            return next(groups[lane])
-        finally:
-            with turn_changed[lane]:
-                read_turn[lane] += 1
-                turn_changed[lane].notify_all()
-
-    def work(process: DecodeProcess):
+    def decode_claimed(process: DecodeProcess):
         inbox = process.take_inbox()
         try:
-            decode_lane(decode_in(process, buffers, inbox))
+            decode = decode_in(process, buffers, inbox)
+            while (k := claims.claim()) is not None:
+                try:
+                    group, stats = turns.read(k)
+                    doing[threading.current_thread().name] = f"decoding batch {k}"
+                    batch = collate(spec, epoch, group, stats, buffers, decode)
+                    if pin:
+                        batch.update({name: batch[name].pin_memory() for name in ("image", "repa") if name in batch})
+                except BaseException as e:  # noqa: BLE001 - re-raised in the consumer, in batch order
+                    batch = e
+                claims.finish(k, batch)
         finally:
             process.return_inbox(inbox)
-
-    def decode_lane(decode):
-        nonlocal claimed
-        while True:
-            with room:
-                room.wait_for(lambda: stopped or claimed >= total or claimed < delivered + ahead)
-                if stopped or claimed >= total:
-                    return
-                k, claimed = claimed, claimed + 1
-            try:
-                group, stats = read(k)
-                doing[threading.current_thread().name] = f"decoding batch {k}"
-                batch = _collate(spec, epoch, group, stats, buffers, decode)
-                if pin:
-                    batch.update({name: batch[name].pin_memory() for name in ("image", "repa") if name in batch})
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer, in batch order
-                batch = e
-            with ready:
-                finished[k] = batch
-                ready.notify()
 
     started = []
     try:
         for i, process in enumerate(processes.running() * THREADS_PER_PROCESS):
-            started.append(threading.Thread(target=work, args=(process,), daemon=True,
+            started.append(threading.Thread(target=decode_claimed, args=(process,), daemon=True,
                                             name=f"pixeldit-loader-{epoch}-{i}"))
             started[-1].start()
         for k in range(batches_done, total):
-            with ready:
-                ready.wait_for(lambda: k in finished)
-                batch = finished.pop(k)
-                delivered = k + 1
-                room.notify()  # one more batch may be claimed
+            batch = claims.take(k)
             if isinstance(batch, BaseException):
                 raise batch
             yield batch
     finally:
-        with room:
-            stopped = True  # threads finish the batch in hand and quit
-            room.notify_all()
+        claims.stop()
         # so that nothing uses the processes or buffers after the epoch
         join_all(started, join_deadline_s, doing)
 
@@ -479,28 +338,14 @@ class ShardLoader:
         self._release(self.processes, self.buffers)  # idempotent: the finalizer may run it again
 
     def __len__(self) -> int:
-        return EpochPlan(self.spec.manifest, self.spec.seed, self.epoch, self.spec.split).batches_per_rank
+        return self.spec.batches_per_rank(self.epoch)
 
     def __iter__(self) -> Iterator[dict]:
         total = len(self)
         if not self.skipped_log_checked:
             self.prune_skipped()
             self.skipped_log_checked = True
-        if self.decoder == "dali":
-            from .dali import dali_batches
-            batches = dali_batches(self.spec, self.epoch, self.batches_done, self.device, self.prefetch,
-                                   join_deadline_s=self.join_deadline_s)
-        elif self.num_workers > 0:
-            batches = threaded_batches(self.spec, self.epoch, self.batches_done, self.processes, self.prefetch,
-                                       self.buffers, pin=self.device.type == "cuda",
-                                       join_deadline_s=self.join_deadline_s)
-        else:
-            lanes = self.spec.split.lanes
-            first = self.batches_done % lanes
-            batches = interleave([lane_batches(self.spec, self.epoch, lane,
-                                               lane_position(self.batches_done, lanes, lane), buffers=self.buffers)
-                                  for lane in range(lanes)], start=first)
-        for batch in batches:
+        for batch in self._batches():
             self.account(batch.pop("stats"), len(batch["key"]), total)
             yield batch
         if self.batches_done != total:
@@ -511,6 +356,17 @@ class ShardLoader:
         self.epoch += 1
         self.batches_done = 0
         self.epoch_delivered, self.epoch_lost, self.epoch_skipped = 0, 0, {}
+
+    def _batches(self) -> Iterator[dict]:
+        """The rest of the epoch's batches, by the configured decoder."""
+        if self.decoder == "dali":
+            return dali_batches(self.spec, self.epoch, self.batches_done, self.device, self.prefetch,
+                                join_deadline_s=self.join_deadline_s)
+        if self.num_workers > 0:
+            return threaded_batches(self.spec, self.epoch, self.batches_done, self.processes, self.prefetch,
+                                    self.buffers, pin=self.device.type == "cuda", join_deadline_s=self.join_deadline_s)
+        return (collate(self.spec, self.epoch, group, stats, self.buffers)
+                for group, stats in rank_groups(self.spec, self.epoch, self.batches_done))
 
     def account(self, stats: ReadStats, delivered: int, total: int):
         """Count a batch's samples and skips; stop the run once the epoch's skip budget is spent."""
@@ -611,34 +467,52 @@ class ShardLoader:
                     self.batches_done)
 
 
-def build_loader(cfg, rank: int, world_size: int, device: str = "cpu", run_dir: str | None = None) -> ShardLoader:
-    """The trainer's entry point: cfg is the full Config (data, model and train sections are read).
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What the loader needs from a run's settings, as plain values (built from the config by the trainer)."""
+    source: str                  # the image shards' manifest folder URL
+    image_size: int
+    per_rank: int                # samples per rank and step (the batch layout's)
+    seed: int
+    num_classes: int             # the model's, checked against the data's classes
+    patch_size: int
+    decoder: str
+    num_workers: int
+    hflip: bool
+    shuffle_window: int
+    endpoint_url: str | None
+    retries: int
+    io_timeout_s: float
+    max_skipped_fraction: float
+    features: str | None         # REPA feature shards read with the images (repa.mode cached), else None
+    encoder_dim: int             # the width the REPA projector expects of those features
+
+
+def build_loader(settings: LoaderSettings, rank: int, world_size: int, device: str = "cpu",
+                 run_dir: str | None = None) -> ShardLoader:
+    """The loader of `rank`, its manifest (and feature manifest) read and checked against the settings.
 
     With `run_dir`, skipped samples are listed in `<run_dir>/skipped.jsonl` (rank 0) or
     `skipped.rank<r>.jsonl`: each rank lists what it skipped itself.
     """
-    data = cfg.data
-    options = storage_options(data.endpoint_url, data.io_timeout_s, data.retries)
-    manifest, images_sha256 = read_manifest(data.source, options)
-    check_class_count(cfg.model.arch().num_classes, manifest, data.source)
-    per_rank = cfg.train.layout(world_size).per_rank
-    lanes = max(1, data.num_workers)
+    s = settings
+    options = storage_options(s.endpoint_url, s.io_timeout_s, s.retries)
+    manifest, images_sha256 = read_manifest(s.source, options)
+    check_class_count(s.num_classes, manifest, s.source)
     features = None
-    if cfg.repa.mode == "cached":
-        features = load_feature_manifest(cfg.repa.features, options)
-        check_feature_set(features, manifest, images_sha256, cfg)
-    spec = LoaderSpec(manifest=manifest, root=data.source, image_size=data.image_size, batch=per_rank,
-                      seed=cfg.train.seed, split=Split(world_size, rank, lanes, per_rank),
-                      window=data.shuffle_window, hflip=data.hflip, options=options,
-                      features=features,
-                      features_root=cfg.repa.features)
+    if s.features is not None:
+        features = load_feature_manifest(s.features, options)
+        check_feature_set(features, manifest, images_sha256, s)
+    spec = LoaderSpec(manifest=manifest, root=s.source, image_size=s.image_size, batch=s.per_rank, seed=s.seed,
+                      split=Split(world_size, rank, max(1, s.num_workers), s.per_rank), window=s.shuffle_window,
+                      hflip=s.hflip, options=options, features=features, features_root=s.features)
     skipped_log = None
     if run_dir is not None:
         skipped_log = os.path.join(run_dir, "skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl")
     # a thread whose reads keep failing gives up within io_timeout_s; one still reading (a batch's next()
     # may read a whole shuffle window of healthy data) is left behind past this, a daemon, and logged
-    return ShardLoader(spec, data.decoder, data.num_workers, device, max_skipped_fraction=data.max_skipped_fraction,
-                       skipped_log=skipped_log, join_deadline_s=data.io_timeout_s + 60)
+    return ShardLoader(spec, s.decoder, s.num_workers, device, max_skipped_fraction=s.max_skipped_fraction,
+                       skipped_log=skipped_log, join_deadline_s=s.io_timeout_s + 60)
 
 
 def check_class_count(num_classes: int, manifest: Manifest, source: str):
@@ -652,22 +526,22 @@ def check_class_count(num_classes: int, manifest: Manifest, source: str):
                           f"train with --set model.num_classes={n}")
 
 
-def check_feature_set(features: FeatureManifest, images: Manifest, images_sha256: str, cfg):
+def check_feature_set(features: FeatureManifest, images: Manifest, images_sha256: str, s: LoaderSettings):
     """Refuse a feature cache that does not belong to this data, resolution, encoder or flip setting."""
-    where = f"repa.features={cfg.repa.features}"
+    where = f"repa.features={s.features}"
     check_mirrors(features, images, where)
     if features.images_sha256 != images_sha256:
-        raise DataError(f"{where}: computed from another version of {manifest_url(cfg.data.source)} (image "
+        raise DataError(f"{where}: computed from another version of {manifest_url(s.source)} (image "
                         f"manifest sha256 {features.images_sha256[:12]}..., now {images_sha256[:12]}...); "
                         f"rerun `pixeldit repa-cache`")
-    tokens = (cfg.data.image_size // cfg.model.arch().patch_size) ** 2
-    if features.image_size != cfg.data.image_size or features.tokens != tokens:
+    tokens = (s.image_size // s.patch_size) ** 2
+    if features.image_size != s.image_size or features.tokens != tokens:
         raise DataError(f"{where}: cached for {features.image_size}px images ({features.tokens} tokens); "
-                        f"data.image_size={cfg.data.image_size} needs {tokens} tokens: rerun `pixeldit repa-cache` "
+                        f"data.image_size={s.image_size} needs {tokens} tokens: rerun `pixeldit repa-cache` "
                         f"at this size or point repa.features at a cache made for it")
-    if features.dim != cfg.repa.encoder_dim:
+    if features.dim != s.encoder_dim:
         raise DataError(f"{where}: {features.dim}-wide features ({features.encoder}), "
-                        f"repa.encoder_dim={cfg.repa.encoder_dim}: set --set repa.encoder_dim={features.dim} or "
+                        f"repa.encoder_dim={s.encoder_dim}: set --set repa.encoder_dim={features.dim} or "
                         f"recache with the configured encoder")
-    if cfg.data.hflip and features.flip == "none":
+    if s.hflip and features.flip == "none":
         raise DataError(f"{where}: cached with flip=none but data.hflip=true; recache with --flip both or grid")
