@@ -5,12 +5,12 @@ def _epoch_on_rank(rank, world, root):
     import torch
     import torch.distributed as dist
 
-    from pixeldit.data_pipelines.loader import build_loader
     from pixeldit.platform.config import load_config
+    from tests.loaders import config_loader
 
     cfg = load_config(None, [f"data.source={root}", "data.image_size=16", "train.global_batch=16",
                              "train.micro_batch=8", "data.num_workers=2"])
-    loader = build_loader(cfg, rank, world)
+    loader = config_loader(cfg, rank, world)
     indices = [i for batch in loader for i in batch["index"].tolist()]
     counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([len(indices)]))

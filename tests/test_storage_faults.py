@@ -23,7 +23,7 @@ import botocore.exceptions
 import pytest
 
 from pixeldit import storage
-from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader, build_loader
+from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.data_pipelines.source import Split
 from pixeldit.storage import (AccessDenied, CorruptContent, ObjectNotFound, PermanentStorageError,
@@ -31,6 +31,7 @@ from pixeldit.storage import (AccessDenied, CorruptContent, ObjectNotFound, Perm
                                              with_retries)
 from pixeldit.errors import PixelDiTError
 from pixeldit.platform.config import load_config
+from tests.loaders import config_loader
 
 BATCH = 8
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret",
@@ -203,7 +204,7 @@ def test_a_refused_endpoint_stops_within_the_deadline(tmp_path, synthetic_shards
                              "data.io_timeout_s=2", "train.global_batch=8"])
     start = time.monotonic()
     with caplog.at_level(logging.WARNING), pytest.raises(StorageTimeout) as e:
-        build_loader(cfg, 0, 1)
+        config_loader(cfg, 0, 1)
     # the retries' own account (from the first failed attempt) is within the deadline; the wall time
     # includes the S3 client's construction, so it gets slack (botocore alone would take ~40 s)
     assert float(re.search(r"attempts in ([\d.]+) s", str(e.value)).group(1)) <= 2
