@@ -183,7 +183,7 @@ def test_model_class_count_is_checked_against_the_manifest(synthetic_shards):
 
 
 def test_sampling_draws_only_the_classes_the_runs_data_had():
-    from pixeldit.evaluation.sampling import ModelSource, check_data_classes
+    from pixeldit.jobs.sample import ModelSource, check_data_classes
     run = ModelSource("run", "/runs/a", "ema", 4, 16, 1.0, data_classes=4)
     assert check_data_classes(None, 10, run) == [0, 1, 2, 3]
     assert check_data_classes([1, 3], 10, run) == [1, 3]

@@ -10,7 +10,9 @@ import torch
 
 from pixeldit.diffusion import sample
 from pixeldit.diffusion.samplers import initial_noise
-from pixeldit.evaluation.sampling import evaluations_per_image, image_labels, load_sampling_model, sample_to_npz
+from pixeldit.evaluation.sampling import evaluations_per_image, sample_to_npz
+from pixeldit.evaluation.sampling_plan import SamplingPlan
+from pixeldit.jobs.sample import load_sampling_model
 from pixeldit.models import build_model, resolve_arch
 from tests.dist import run_distributed
 
@@ -86,7 +88,7 @@ def test_noise_and_labels_do_not_depend_on_the_batch():
 
 
 def test_batch_size_changes_images_only_within_rounding(model, reference, tmp_path):
-    labels = image_labels([1, 4, 7], 4)
+    labels = SamplingPlan.interleaved([1, 4, 7], 12, seed=5, image_size=SIZE).labels
 
     def images(batches):
         return torch.cat([sample(model, labels[idx], idx, (3, SIZE, SIZE), null_class=10, seed=5, steps=4,
