@@ -178,12 +178,13 @@ def cmd_export(args) -> int:
 def _newest_saved_step(cfg, run_dir: str | None) -> int | None:
     """The step of the run's newest complete checkpoint (every rank's files and the commit marker), None
     when there is none yet."""
+    from pixeldit import storage
     from pixeldit.errors import CheckpointError
-    from pixeldit.platform import checkpoint
+    from pixeldit.parallel import checkpoint
 
     c = cfg.checkpoint
     root = (c.dir or os.path.join(run_dir or cfg.train.run_dir, "checkpoints")).rstrip("/")
-    checkpoint.register_root(root, {"endpoint_url": c.endpoint_url} if c.endpoint_url else {})
+    storage.register_root(root, {"endpoint_url": c.endpoint_url} if c.endpoint_url else {})
     try:
         found = checkpoint.latest_complete(root)
     except CheckpointError:  # a damaged run directory; the trainers' own output says what is wrong
@@ -211,7 +212,7 @@ def cmd_launch(args) -> int:
     env = dict(os.environ, PIXELDIT_DEBUG="1") if debug_enabled(args) else None
     # imported now, not at the Ctrl-C: reading the checkpoints then must take milliseconds, well before
     # the trainers can have finished the step in flight and saved
-    from pixeldit.platform import checkpoint  # noqa: F401
+    from pixeldit.parallel import checkpoint  # noqa: F401
     process = subprocess.Popen(cmd, env=env)
     return _wait_for_training(process, args.launcher, lambda: _newest_saved_step(cfg, train.run_dir))
 
@@ -273,7 +274,7 @@ def _wait_for_training(process, launcher: str, newest_saved_step) -> int:
 
 
 def cmd_sample(args) -> int:
-    from pixeldit.evaluation.sampling import run_sample_command
+    from pixeldit.jobs.sample import run_sample_command
     return run_sample_command(args)
 
 
