@@ -1,9 +1,10 @@
-"""The package's import layering and function length, read from the source with `ast`.
+"""The package's import layering, function length and private-API reaches, read from the source with `ast`.
 
 Floors, top to bottom (docs/architecture.md): a module imports only its own floor or floors below,
 no two modules import each other however indirectly (imports inside functions count: they run), and
-models import nothing of the project but models and errors. Both checks first prove on a synthetic
-package that they can fail.
+models import nothing of the project but models and errors. A dependency's private names are reached
+only from the one *_internals.py module per dependency. Each check first proves on a synthetic
+package that it can fail.
 """
 
 from __future__ import annotations
@@ -237,3 +238,65 @@ def test_no_long_functions():
     over = [f"{f}: {n} lines" for f, n in found.items() if f not in LONG_BUT_ONE_THING]
     assert not over, f"over {MAX_LINES} lines (split, or list in LONG_BUT_ONE_THING with the reason):\n" + "\n".join(over)
     assert [f for f in LONG_BUT_ONE_THING if f not in found] == []  # an entry outlives its function: drop it
+
+
+# ------------------------------------------------------------------------------------- private APIs
+
+
+def private_reaches(root: Path, package: str) -> list[str]:
+    """Where a dependency's private name (a `_name` after its top-level package) is imported or reached
+    through the dependency's module, outside the modules named *_internals.py that list each with the
+    reason it is needed. (A private attribute of an object, `engine._config`, is beyond this check.)"""
+    import sys
+
+    found = set()
+    for path in sorted((root / package).rglob("*.py")):
+        if path.stem.endswith("_internals"):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        used = []  # (line, dotted name of a dependency's module or attribute)
+        aliases = {}  # local name -> the dotted name it stands for
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    used.append((node.lineno, a.name))
+                    aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for a in node.names:
+                    used.append((node.lineno, f"{node.module}.{a.name}"))
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+        inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and id(node) not in inner:  # the whole chain a.b._c, once
+                chain, value = [node.attr], node.value
+                while isinstance(value, ast.Attribute):
+                    chain.insert(0, value.attr)
+                    value = value.value
+                if isinstance(value, ast.Name) and value.id in aliases:
+                    used.append((node.lineno, ".".join([aliases[value.id], *chain])))
+        for line, name in used:
+            top, *rest = name.split(".")
+            if top in sys.stdlib_module_names | {package, "__future__"}:
+                continue
+            if any(part.startswith("_") and not part.startswith("__") for part in rest):
+                found.add(f"{path.relative_to(root)}:{line}: {name}")
+    return sorted(found, key=lambda text: (text.split(":")[0], int(text.split(":")[1])))
+
+
+def test_private_reaches_are_found_outside_the_internals_modules(tmp_path):
+    write_package(tmp_path, {
+        "pkg/__init__.py": "import torch\nimport torch.distributed as dist\nfrom deepspeed.utils import zero_to_fp32\n"
+                           "import os\n\ntorch.cpu._is_amx()\ndist._functional.x\nzero_to_fp32._get_fp32()\n"
+                           "os._exit(0)\ntorch.nn.Linear\nself._own\n",
+        "pkg/b.py": "from torch.distributed._shard import Shard\nfrom torch.utils import _pytree\n",
+        "pkg/torch_internals.py": "from torch._utils import x\ntorch._foreach_lerp_\n",
+    })
+    assert private_reaches(tmp_path, "pkg") == [
+        "pkg/__init__.py:6: torch.cpu._is_amx", "pkg/__init__.py:7: torch.distributed._functional.x",
+        "pkg/__init__.py:8: deepspeed.utils.zero_to_fp32._get_fp32",
+        "pkg/b.py:1: torch.distributed._shard.Shard", "pkg/b.py:2: torch.utils._pytree"]
+
+
+def test_private_apis_of_dependencies_are_reached_only_from_the_internals_modules():
+    found = private_reaches(ROOT, "pixeldit")
+    assert not found, "\n".join(found)
