@@ -69,7 +69,7 @@ def _grid(run_dir):
 def _evaluate_fixed(rank, world, data, run_dir, inception, reference, weights_path):
     import torch.distributed as dist
 
-    from pixeldit.platform.eval_loop import InLoopEvaluator
+    from pixeldit.platform.eval_loop import InLoopEvaluator, eval_spec
     from pixeldit.platform.trainer import Trainer
     trainer = Trainer(load_config(None, overrides(data, inception, reference, steps=1)), run_dir)
     if world == 1:  # fixed, non-trivial EMA weights shared by both runs
@@ -85,7 +85,8 @@ def _evaluate_fixed(rank, world, data, run_dir, inception, reference, weights_pa
     if dist.is_initialized():
         dist.barrier()
     trainer.monitor.start(0, ["evaluation only"])  # opens the trackers, as fit() does before its first step
-    result = InLoopEvaluator(trainer.cfg, trainer.device).run(trainer)
+    evaluator = InLoopEvaluator(eval_spec(trainer.cfg), trainer.arch, trainer.device, trainer.rank, trainer.world)
+    result = evaluator.run(trainer.ema, trainer.state.step, trainer.monitor)
     trainer.monitor.close()
     return result
 

@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..diffusion import sample, to_uint8
-from ..models import PixelDiT
+from ..diffusion import to_uint8
+from ..evaluation.sampling_plan import SamplerSettings, SamplingPlan
+from ..models import PixelDiT, PixelDiTArch
 
 
-def gather_ema_model(trainer) -> PixelDiT:
-    """A plain model holding the full EMA weights, on every rank (collective when sharded)."""
-    ema = trainer.ema
+@dataclass(frozen=True)
+class PreviewSpec:
+    """What a preview needs of the run."""
+    image_size: int
+    steps: int            # AB2 steps (logging.sample_steps)
+    time_shift: float
+    folder: str           # where the PNGs go: <run dir>/samples
+    arch: PixelDiTArch
+    device: torch.device
+    rank: int
+
+
+def preview_spec(cfg, run_dir: str, arch: PixelDiTArch, device: torch.device, rank: int) -> PreviewSpec:
+    """`cfg` (a Config) as the preview needs it."""
+    return PreviewSpec(image_size=cfg.data.image_size, steps=cfg.logging.sample_steps,
+                       time_shift=cfg.diffusion.time_shift, folder=os.path.join(run_dir, "samples"), arch=arch,
+                       device=device, rank=rank)
+
+
+def gather_ema_model(ema, arch: PixelDiTArch, device: torch.device) -> PixelDiT:
+    """A plain model holding the full EMA weights of `ema` (a ShardedEMA), on every rank (collective when sharded)."""
     pieces = [(f.name, f.start, shadow.cpu()) for f, shadow in zip(ema.fragments, ema.shadow)]
     if dist.is_initialized() and not ema.replicated:
         everyone = [None] * dist.get_world_size()
@@ -23,38 +43,34 @@ def gather_ema_model(trainer) -> PixelDiT:
     flat = {name: torch.zeros(torch.Size(shape).numel()) for name, shape in shapes.items()}
     for name, start, tensor in pieces:
         flat[name][start:start + tensor.numel()] = tensor
-    model = PixelDiT(trainer.arch)
+    model = PixelDiT(arch)
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v.view(shapes[k]) for k, v in flat.items() if k.startswith(prefix)})
-    return model.to(trainer.device).eval()
+    return model.to(device).eval()
 
 
 def preview_grid(model: PixelDiT, image_size: int, steps: int, per_class: int = 4, seed: int = 1234,
-                 time_shift: float = 1.0) -> torch.Tensor:
-    """uint8 (3, H', W') grid: one row per class (up to 10), `per_class` fixed seeds each."""
+                 time_shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 (3, H', W') grid: one row per class (up to 10), `per_class` fixed seeds each; the float
+    images and their labels."""
     from torchvision.utils import make_grid
 
-    classes = min(model.num_classes, 10)
-    labels = torch.arange(classes).repeat_interleave(per_class)
-    out = sample(model, labels, range(len(labels)), (3, image_size, image_size), null_class=model.num_classes,
-                 seed=seed, sampler="ab2", steps=steps, time_shift=time_shift,
-                 device=next(model.parameters()).device)
-    return make_grid(to_uint8(out.images).cpu(), nrow=per_class, padding=1), out.images.cpu(), labels
+    plan = SamplingPlan.class_rows(range(min(model.num_classes, 10)), per_class, seed, image_size)
+    out = plan.sample(model, list(range(len(plan))), SamplerSettings("ab2", steps, time_shift=time_shift),
+                      model.num_classes, next(model.parameters()).device)
+    return make_grid(to_uint8(out.images).cpu(), nrow=per_class, padding=1), out.images.cpu(), plan.labels
 
 
-def write_preview(trainer, tag: str = "ema") -> str | None:
-    """Sample a grid with the EMA weights; rank 0 writes a PNG and a TensorBoard image."""
+def write_preview(spec: PreviewSpec, ema, step: int, monitor, tag: str = "ema") -> str | None:
+    """Sample a grid with the EMA weights (collective); rank 0 writes a PNG and hands the grid to `monitor`."""
     from PIL import Image
 
-    model = gather_ema_model(trainer)
-    if trainer.rank != 0:
+    model = gather_ema_model(ema, spec.arch, spec.device)
+    if spec.rank != 0:
         return None
-    cfg = trainer.cfg
-    grid, _, _ = preview_grid(model, cfg.data.image_size, cfg.logging.sample_steps,
-                              time_shift=cfg.diffusion.time_shift)
-    folder = os.path.join(trainer.run_dir, "samples")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{tag}_step_{trainer.state.step:08d}.png")
+    grid, _, _ = preview_grid(model, spec.image_size, spec.steps, time_shift=spec.time_shift)
+    os.makedirs(spec.folder, exist_ok=True)
+    path = os.path.join(spec.folder, f"{tag}_step_{step:08d}.png")
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-    trainer.monitor.add_images(f"samples/{tag}", grid, trainer.state.step)
+    monitor.add_images(f"samples/{tag}", grid, step)
     return path
