@@ -168,13 +168,7 @@ def write_shards(items: list[SourceItem], classes: list[str], dst: str, *, polic
                  shard_samples: int | None = None, shard_bytes: int | None = None, workers: int = 0,
                  seed: int = 0, prefix: str = "train", source: str = "", options: dict | None = None,
                  progress: bool = True) -> Manifest:
-    policy = policy or ImagePolicy()
-    if policy.mode not in ("original", "adm"):
-        raise ConfigError(f"image policy {policy.mode!r}: expected 'original' or 'adm'")
-    if policy.mode == "adm" and not policy.size:
-        raise ConfigError("the adm crop needs a size (--size)")
-    if policy.format not in images.FORMATS:
-        raise ConfigError(f"image format {policy.format!r}: expected one of {sorted(images.FORMATS)}")
+    policy = _checked_policy(policy or ImagePolicy())
     if not shard_samples and not shard_bytes:
         shard_samples = 1000
     order = np.random.default_rng(seed).permutation(len(items))
@@ -187,17 +181,48 @@ def write_shards(items: list[SourceItem], classes: list[str], dst: str, *, polic
     if shards:
         log.info("%s: resuming after %d finished shards (%d source items)", dst, len(shards), consumed)
 
-    remaining = items[consumed:]
-    jobs = ((item, policy) for item in remaining)
+    def save_partial(consumed: int):
+        _save_partial(dst, options, shards, skipped, consumed, fingerprint, classes, policy, seed, source)
+
+    jobs = ((item, policy) for item in items[consumed:])
     pool = mp.get_context("spawn").Pool(workers) if workers > 0 else None
     results = pool.imap(_prepare_star, jobs, chunksize=8) if pool else map(_prepare_star, jobs)
     bar = tqdm(total=len(items), initial=consumed, unit="img", desc="writing shards", disable=not progress,
                smoothing=0.05)
+    try:
+        _write_prepared(results, dst, prefix, options, (shard_samples, shard_bytes), shards, skipped, consumed,
+                        save_partial, bar.update)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    manifest = Manifest(shards=shards, classes=list(classes), image=policy, skipped=skipped, seed=seed, source=source)
+    save_manifest(dst, manifest, options)
+    if fs.exists(strip_protocol(join(dst, PARTIAL))):
+        fs.rm(strip_protocol(join(dst, PARTIAL)))
+    return manifest
+
+
+def _checked_policy(policy: ImagePolicy) -> ImagePolicy:
+    if policy.mode not in ("original", "adm"):
+        raise ConfigError(f"image policy {policy.mode!r}: expected 'original' or 'adm'")
+    if policy.mode == "adm" and not policy.size:
+        raise ConfigError("the adm crop needs a size (--size)")
+    if policy.format not in images.FORMATS:
+        raise ConfigError(f"image format {policy.format!r}: expected one of {sorted(images.FORMATS)}")
+    return policy
+
+
+def _write_prepared(results, dst: str, prefix: str, options: dict | None, limits: tuple, shards: list,
+                    skipped: list, consumed: int, save_partial, advance):
+    """Append the prepared items to shards (a shard ends at `limits` = (samples, bytes)); the unusable
+    ones go to `skipped`. After each finished shard `save_partial(consumed)` records the progress."""
+    shard_samples, shard_bytes = limits
     current: OpenShard | None = None
     try:
         for item, files, reason in results:
             consumed += 1
-            bar.update(1)
+            advance(1)
             if files is None:
                 skipped.append({"path": item.ref, "reason": reason})
                 log.warning("skipping %s: %s", item.ref, reason)
@@ -211,21 +236,13 @@ def write_shards(items: list[SourceItem], classes: list[str], dst: str, *, polic
             if full:
                 shards.append(current.finish())
                 current = None
-                _save_partial(dst, options, shards, skipped, consumed, fingerprint, classes, policy, seed, source)
+                save_partial(consumed)
         if current is not None and current.writer.entries:
             shards.append(current.finish())
             current = None
     finally:
-        bar.close()
         if current is not None:
             current.abort()
-        if pool is not None:
-            pool.terminate()
-    manifest = Manifest(shards=shards, classes=list(classes), image=policy, skipped=skipped, seed=seed, source=source)
-    save_manifest(dst, manifest, options)
-    if fs.exists(strip_protocol(join(dst, PARTIAL))):
-        fs.rm(strip_protocol(join(dst, PARTIAL)))
-    return manifest
 
 
 class OpenShard:
