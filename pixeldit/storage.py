@@ -15,12 +15,15 @@ happen: ours through the caller's hook, the S3 client's own through botocore's e
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
 import mmap
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any, Callable, TypeVar
@@ -539,3 +542,119 @@ def write_bytes(url: str, data: bytes, options: dict | None = None):
 def exists(url: str, options: dict | None = None) -> bool:
     fs = filesystem(url, options)
     return with_retries(url, lambda: fs.exists(strip_protocol(url)), io_timeout(options))
+
+
+# ------------------------------------------------------------------- paths written by several processes
+# Checkpoints and other run outputs: a local folder or any fsspec URL, written by every rank. Options
+# (an endpoint) registered for a root apply to every URL below it; other ranks and processes write
+# there too, so these helpers never trust a cached listing.
+
+_ROOT_OPTIONS: dict[str, dict] = {}
+
+
+def register_root(root: str, options: dict | None):
+    """Open every URL below `root` with `options` (e.g. checkpoint.endpoint_url)."""
+    if is_remote(root):
+        _ROOT_OPTIONS[root.rstrip("/")] = dict(options or {})
+
+
+def is_remote(url: str) -> bool:
+    return protocol_of(url) != "file"
+
+
+def options_for(url: str) -> dict:
+    """The options registered for the longest root above `url`; the environment's endpoint otherwise."""
+    roots = [r for r in _ROOT_OPTIONS if url == r or url.startswith(r + "/")]
+    options = dict(_ROOT_OPTIONS[max(roots, key=len)]) if roots else {}
+    if protocol_of(url) == "s3" and "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]  # as filesystem() does, for DCP's writer too
+    return options
+
+
+def path_join(base: str, *parts: str) -> str:
+    """os.path.join for a local path, `join` for a URL."""
+    return join(base, *parts) if is_remote(base) else os.path.join(base, *parts)
+
+
+def uncached_filesystem(url: str):
+    fs = filesystem(url, options_for(url))
+    fs.invalidate_cache()  # another rank or process may have written since the last listing
+    return fs
+
+
+def exists_now(url: str) -> bool:
+    return os.path.exists(url) if not is_remote(url) else uncached_filesystem(url).exists(url)
+
+
+def read_bytes_if_present(url: str) -> bytes | None:
+    try:
+        return read_bytes(url, options_for(url))
+    except FileNotFoundError:
+        return None
+
+
+def write_whole(url: str, data: bytes):
+    """All or nothing: one PUT on object storage, a temporary name and a rename locally."""
+    write_bytes(url, data, options_for(url))
+
+
+def list_names(url: str) -> set[str] | None:
+    """The names directly inside `url`, None when it is not there."""
+    if not is_remote(url):
+        return set(os.listdir(url)) if os.path.isdir(url) else None
+    try:
+        return {p.rstrip("/").rsplit("/", 1)[-1] for p in uncached_filesystem(url).ls(url, detail=False)}
+    except FileNotFoundError:
+        return None
+
+
+def remove_tree(url: str, first: str | None = None):
+    """Delete the folder `url`, its file `first` before the rest (a marker that must not outlive the
+    folder's other files). A failure raises OSError: the caller decides whether it is fatal."""
+    if not is_remote(url):
+        if not os.path.lexists(url):
+            return
+        if first is not None:
+            try:
+                os.remove(os.path.join(url, first))
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(url)
+        return
+    fs = uncached_filesystem(url)
+    if first is not None and fs.exists(join(url, first)):
+        fs.rm_file(join(url, first))
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+@contextlib.contextmanager
+def local_folder(url: str, *, download: bool = False, upload: bool = False):
+    """A local folder standing in for `url`: `url` itself when local; otherwise a temporary copy
+    (downloaded first with `download`, uploaded afterwards with `upload`) for writers and readers
+    that only know local files (DeepSpeed). The copy lives under $TMPDIR and is removed after."""
+    if not is_remote(url):
+        if upload:
+            os.makedirs(url, exist_ok=True)
+        yield url
+        return
+    fs, base = uncached_filesystem(url), strip_protocol(url).rstrip("/")
+    stage = tempfile.mkdtemp(prefix="pixeldit-ckpt-")
+    local = os.path.join(stage, os.path.basename(base))  # its parent is ours: DeepSpeed writes beside it
+    os.makedirs(local)
+    try:
+        if download:
+            remote = fs.find(base)
+            if not remote:
+                raise FileNotFoundError(f"{url}: no objects")
+            files = [os.path.join(local, os.path.relpath(p, base)) for p in remote]
+            for folder in {os.path.dirname(f) for f in files}:
+                os.makedirs(folder, exist_ok=True)
+            # lists: fsspec transfers them concurrently (a universal checkpoint is thousands of small files)
+            with_retries(url, lambda: fs.get(remote, files))
+        yield local
+        if upload:
+            files = [os.path.join(d, n) for d, _, names in os.walk(local) for n in names]
+            with_retries(url, lambda: fs.put(files, [f"{base}/{os.path.relpath(f, local)}" for f in files]))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

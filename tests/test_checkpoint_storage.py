@@ -27,7 +27,7 @@ def _overrides(data, strategy, steps, root, endpoint):
 
 
 def _snapshot(trainer):
-    return {"losses": list(trainer.state.history), "weights": trainer.strategy.full_state_dict(),
+    return {"losses": list(trainer.state.history), "weights": trainer.strategy.checkpoint.full_state_dict(),
             "ema": {f.name: s.clone() for f, s in zip(trainer.ema.fragments, trainer.ema.shadow)}}
 
 
@@ -39,7 +39,7 @@ def _crash_in_ema_save(trainer):
 
 
 def _on_s3(rank, world, data, local, url, endpoint):
-    from pixeldit.platform.checkpoint import join, latest_checkpoint, read_text
+    from pixeldit.parallel.checkpoint import join, latest_checkpoint, read_text
     from pixeldit.platform.config import load_config
     from pixeldit.platform.trainer import Trainer
 
@@ -79,7 +79,7 @@ def _on_s3(rank, world, data, local, url, endpoint):
         out[name] = _snapshot(run)
     # damaged files on object storage: an unreadable `latest`, then a truncated meta.json of the newest step
     from pixeldit import storage
-    from pixeldit.platform.checkpoint import storage_options
+    from pixeldit.storage import options_for as storage_options
     ddp = f"{url}/ddp"
     storage.write_bytes(f"{ddp}/latest", b"\xff\xfe", storage_options(ddp))
     out["damaged_latest"] = latest_checkpoint(ddp)
@@ -97,8 +97,8 @@ def _on_s3(rank, world, data, local, url, endpoint):
     out["zero2_resumed"] = _snapshot(zero_resumed)
     converted = trainer("zero2_universal", "zero2", 4, f"{url}/zero2")
     # a different saved world is what triggers the conversion; one rank exercises the whole remote path
-    converted.strategy.load(join(f"{url}/zero2/step_00000004", "engine"), saved_world=2)
-    out["zero2_universal"] = converted.strategy.full_state_dict()
+    converted.strategy.checkpoint.load(join(f"{url}/zero2/step_00000004", "engine"), saved_world=2)
+    out["zero2_universal"] = converted.strategy.checkpoint.full_state_dict()
     optimizer_state = converted.strategy.engine.optimizer.optimizer.state
     out["zero2_universal_steps"] = {int(s["step"]) for s in optimizer_state.values()}
     return out

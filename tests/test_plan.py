@@ -62,16 +62,16 @@ def _grads(strategy, name) -> int:
 def _measure_one(name: str, world: int) -> dict:
     from pixeldit.models import build_model, build_projector
     from pixeldit.platform.config import load_config
-    from pixeldit.platform.ema import ShardedEMA
-    from pixeldit.platform.strategies import TrainModule, build_strategy
+    from pixeldit.parallel.ema import ShardedEMA
+    from pixeldit.parallel import TrainModule, build_strategy
 
     cfg = load_config(None, _overrides(name, world))
     torch.manual_seed(0)
     arch = cfg.model.arch()
     module = TrainModule(build_model(cfg.model.name, **cfg.model.overrides()),
                          build_projector(arch.hidden_size, cfg.repa.encoder_dim), cfg.repa.block)
-    strategy = build_strategy(module, cfg, torch.device("cpu"))
-    ema = ShardedEMA(strategy.fragments(), 0.999, replicated=name == "ddp")
+    strategy = build_strategy(module, cfg.parallel_spec(world), torch.device("cpu"))
+    ema = ShardedEMA(strategy.checkpoint.fragments(), 0.999, replicated=name == "ddp")
     strategy.begin_step(1e-3, 1.0)
     x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.randint(0, 10, (2,))
     with strategy.accumulating(True):
@@ -137,7 +137,8 @@ def _saved_bytes(model_name: str, size: int, checkpointing: str, dtype=torch.flo
     """(bytes autograd saves for backward in one forward of TrainModule with REPA, batch) -- unique storages,
     parameters excluded; under activation checkpointing also the inputs each checkpointed block keeps."""
     from pixeldit.models import build_model, build_projector
-    from pixeldit.platform.strategies import TrainModule, apply_activation_checkpointing
+    from pixeldit.parallel import TrainModule
+    from pixeldit.parallel.wrap import apply_activation_checkpointing
 
     torch.manual_seed(0)
     model = build_model(model_name, **arch)

@@ -132,11 +132,11 @@ def test_shards_moved_elsewhere_resume(synthetic_shards, run, tmp_path):
 
 def test_a_changed_architecture_is_one_line_through_the_cli(synthetic_shards, run, capsys, monkeypatch):
     from pixeldit.cli import main
-    from pixeldit.platform import strategies
+    from pixeldit.parallel import checkpoint_state
 
     def no_load(*args, **kwargs):
         raise AssertionError("state was loaded before the config was checked")
-    monkeypatch.setattr(strategies.DDPStrategy, "load", no_load)
+    monkeypatch.setattr(checkpoint_state.DDPCheckpoint, "load", no_load)
     before = sorted(os.listdir(ckpt(run)))
     rc = main(cli_args(synthetic_shards, run, 4, "model.hidden_size=64", "train.global_batch=16",
                        "train.micro_batch=16", "schedule.warmup_steps=3"))
@@ -214,12 +214,12 @@ DAMAGE = {
 
 @pytest.mark.parametrize("name", list(DAMAGE))
 def test_a_damaged_checkpoint_falls_back_to_the_newest_complete_one(run, name, caplog):
-    from pixeldit.platform.checkpoint import latest_complete
+    from pixeldit.parallel.checkpoint import latest_complete
     from pixeldit.platform.export import resolve_checkpoint
 
     damage, used, named = DAMAGE[name]
     damage(run)
-    with caplog.at_level(logging.WARNING, logger="pixeldit.platform.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pixeldit.parallel.checkpoint"):
         path, meta = latest_complete(ckpt(run))
     assert path == ckpt(run, used) and meta["step"] == used
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -240,7 +240,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_and_is_rewrit
 
 def test_no_complete_checkpoint_is_one_error_naming_the_folder(synthetic_shards, run, capsys):
     from pixeldit.cli import main
-    from pixeldit.platform.checkpoint import read_meta
+    from pixeldit.parallel.checkpoint import read_meta
 
     _write(os.path.join(ckpt(run), "latest"), b"\xff")
     _write(os.path.join(ckpt(run, 4), "meta.json"), b"")
@@ -260,7 +260,7 @@ def test_no_complete_checkpoint_is_one_error_naming_the_folder(synthetic_shards,
 
 def test_a_missing_checkpoint_is_also_a_file_not_found_and_a_damaged_one_is_not(run):
     from pixeldit.errors import CheckpointNotFound
-    from pixeldit.platform.checkpoint import latest_complete, load_rank_state, read_meta
+    from pixeldit.parallel.checkpoint import latest_complete, load_rank_state, read_meta
 
     os.remove(os.path.join(ckpt(run, 4), "meta.json"))
     with pytest.raises(CheckpointNotFound, match=r"step_00000004/meta\.json is missing") as missing:
@@ -277,12 +277,12 @@ def test_a_missing_checkpoint_is_also_a_file_not_found_and_a_damaged_one_is_not(
 
 
 def test_a_first_save_that_never_completed_starts_a_fresh_run(run, caplog):
-    from pixeldit.platform.checkpoint import latest_complete
+    from pixeldit.parallel.checkpoint import latest_complete
 
     os.remove(os.path.join(ckpt(run), "latest"))
     for step in (2, 4):
         os.remove(os.path.join(ckpt(run, step), "meta.json"))
-    with caplog.at_level(logging.WARNING, logger="pixeldit.platform.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pixeldit.parallel.checkpoint"):
         assert latest_complete(ckpt(run)) is None
     assert "starting a fresh run" in caplog.text and "step_00000004/meta.json is missing" in caplog.text
 
@@ -328,7 +328,7 @@ def test_a_deletion_error_while_pruning_is_reported(synthetic_shards, tmp_path, 
     run = str(tmp_path / "run")
     victim = os.path.join(ckpt(run), "step_00000001")
     _failing_rmtree(monkeypatch, "step_00000001", PermissionError(13, "Permission denied", victim))
-    with caplog.at_level(logging.WARNING, logger="pixeldit.platform.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pixeldit.parallel.checkpoint"):
         assert Trainer(_prune_config(synthetic_shards, 2), run).fit().step == 2  # the run goes on
     warnings = [r.getMessage() for r in caplog.records if "could not delete" in r.getMessage()]
     assert warnings == [f"could not delete the old checkpoint {victim} (PermissionError: [Errno 13] Permission "

@@ -27,7 +27,7 @@ def _steps(rank, world, data, root, strategy):
     empty = {k: v[:0] for k, v in next(batches).items()} if rank == 1 else next(batches)
     second = trainer.train_step(empty)
     per_sample = [(int(i), k) for i, k in zip(short["index"], short["key"])]
-    weights = trainer.strategy.full_state_dict()
+    weights = trainer.strategy.checkpoint.full_state_dict()
     trainer.loader.close()
     return {"first": first, "second": second, "samples": per_sample, "weights": weights if rank == 0 else None}
 

@@ -123,40 +123,57 @@ def test_export_round_trip(synthetic_shards, tmp_path):
         assert torch.equal(value, shadow[name])
 
 
-def _training_subprocess(run_dir, data, steps, every):
+# `pixeldit train` in a child whose EMA save of one step kills the process (SIGKILL, nothing cleans up):
+# the engine of that step is written, the rest of its checkpoint is not
+KILLED_IN_SAVE = """
+import os, signal, sys
+from pixeldit.parallel.ema import ShardedEMA
+from pixeldit.cli import main
+
+step = "step_%08d" % int(sys.argv[1])
+save = ShardedEMA.save
+
+def save_or_die(self, path, rank):
+    if step in path:
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(self, path, rank)
+
+ShardedEMA.save = save_or_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _training_subprocess(run_dir, data, steps, every, kill_in_save_of=None, strategy="ddp"):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "pixeldit", "train", "--run-dir", run_dir,
+    if strategy != "ddp":
+        from tests.dist import free_port
+        # FSDP2 and DeepSpeed need a process group: one rank, as torchrun would describe it
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    entry = ["-m", "pixeldit"] if kill_in_save_of is None else ["-c", KILLED_IN_SAVE, str(kill_in_save_of)]
+    return subprocess.Popen([sys.executable, *entry, "train", "--run-dir", run_dir,
                              "--set", f"data.source={data}", "--set", "data.image_size=16",
                              "--set", "model.patch_size=4", "--set", f"train.steps={steps}",
                              "--set", f"checkpoint.every_steps={every}", "--set", "logging.tensorboard=false",
+                             "--set", f"distributed.strategy={strategy}",
                              # config()'s batch: the resume below refuses another global batch
                              "--set", "train.global_batch=8", "--set", "train.micro_batch=8"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(synthetic_shards, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
+def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(synthetic_shards, tmp_path, strategy):
     run = str(tmp_path / "run")
-    proc = _training_subprocess(run, synthetic_shards, 400, 3)
+    proc = _training_subprocess(run, synthetic_shards, 400, 3, kill_in_save_of=6, strategy=strategy)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL, out
     ckpts = os.path.join(run, "checkpoints")
-    deadline = time.time() + 240
-    killed_in = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(os.path.join(ckpts, "latest")):
-                tmp = [d for d in os.listdir(ckpts) if d.endswith(".tmp")]
-                if tmp:
-                    proc.send_signal(signal.SIGKILL)
-                    killed_in = tmp[0]
-                    break
-            time.sleep(0.0005)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert killed_in, "never caught a save in progress"
-    trainer = Trainer(config(synthetic_shards, 400), run)
-    assert trainer.resume()
-    assert trainer.state.step % 3 == 0 and f"step_{trainer.state.step:08d}.tmp" != killed_in
-    assert trainer.state.step < int(killed_in[5:13])
+    killed_in = [d for d in os.listdir(ckpts) if d.endswith(".tmp")]
+    assert killed_in == ["step_00000006.tmp"] and os.listdir(os.path.join(ckpts, killed_in[0], "engine"))
+    # the same command, to one step past the kept checkpoint: it resumes from that checkpoint
+    resumed = _training_subprocess(run, synthetic_shards, 4, 3, strategy=strategy)
+    out, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, out
+    assert f"resumed from {os.path.join(ckpts, 'step_00000003')} at step 3" in out, out
 
 
 def test_sigterm_saves_at_the_step_boundary_and_exits(synthetic_shards, tmp_path):

@@ -33,7 +33,7 @@ def _run(rank, world, data, root, plan):
         trainer = Trainer(cfg, os.path.join(root, name))
         resume_from = os.path.join(root, resume, "checkpoints", f"step_{STEPS // 2:08d}") if resume else None
         state = trainer.fit(resume_from)
-        weights = trainer.strategy.full_state_dict()
+        weights = trainer.strategy.checkpoint.full_state_dict()
         frags = [(f.name, f.start, shadow.clone()) for f, shadow in zip(trainer.ema.fragments, trainer.ema.shadow)]
         moments = _zero_moments(trainer) if strategy.startswith("zero") else None  # collective under zero3
         results[name] = {"losses": list(state.history), "weights": weights if rank == 0 else None, "ema": frags,
@@ -110,7 +110,7 @@ def test_resume_is_bit_identical(runs, name):
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp", "ddp"])
 def test_ema_written_by_two_ranks_loads_in_one_process(runs, name):
-    from pixeldit.platform.ema import load_full_ema
+    from pixeldit.parallel.ema import load_full_ema
 
     shapes = {k: tuple(v.shape) for k, v in runs["rank0"]["ddp"]["weights"].items()}
     path = os.path.join(runs["root"], name, "checkpoints", f"step_{STEPS:08d}", "ema")
@@ -167,7 +167,7 @@ def _resume_on_one(rank, world, data, root, source):
     cfg = load_config(None, _overrides(data, "fsdp", STEPS))
     trainer = Trainer(cfg, root)
     trainer.resume(os.path.join(source, "checkpoints", f"step_{STEPS:08d}"))
-    weights = trainer.strategy.full_state_dict()
+    weights = trainer.strategy.checkpoint.full_state_dict()
     ema = {f.name: s.clone() for f, s in zip(trainer.ema.fragments, trainer.ema.shadow)}
     optimizer_steps = {int(v["step"]) for v in trainer.strategy.optimizer.state.values()}
     return {"weights": weights, "ema": ema, "epoch": trainer.loader.epoch, "batches": trainer.loader.batches_done,
@@ -197,14 +197,14 @@ def _zero_on_another_world(rank, world, data, root, source, saved_step, train=Tr
     for strategy in ("zero2", "zero3"):
         trainer = Trainer(load_config(None, _overrides(data, strategy, saved_step + 1)), os.path.join(root, strategy))
         trainer.resume(os.path.join(source, strategy, "checkpoints", f"step_{saved_step:08d}"))
-        loaded = {"weights": trainer.strategy.full_state_dict(), "moments": _zero_moments(trainer),
+        loaded = {"weights": trainer.strategy.checkpoint.full_state_dict(), "moments": _zero_moments(trainer),
                   "steps": _zero_steps(trainer), "ema": {f.name: s.clone() for f, s in zip(trainer.ema.fragments,
                                                                                           trainer.ema.shadow)},
                   "position": (trainer.loader.epoch, trainer.loader.batches_done)}
         trained = None
         if train:
             state = trainer.fit()
-            trained = {"weights": trainer.strategy.full_state_dict(), "moments": _zero_moments(trainer),
+            trained = {"weights": trainer.strategy.checkpoint.full_state_dict(), "moments": _zero_moments(trainer),
                        "steps": _zero_steps(trainer), "losses": list(state.history), "step": state.step}
         out[strategy] = {"loaded": loaded, "trained": trained} if rank == 0 else None
     return out

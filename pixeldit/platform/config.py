@@ -118,9 +118,12 @@ class RepaConfig:
     def check(self, path: str):
         if self.weight < 0:
             raise ConfigError(f"{path}.weight={self.weight} must be >= 0")
-        if self.mode == "cached" and not self.features:
-            raise ConfigError(f"{path}.features is required with {path}.mode=cached "
-                              f"(write it with `pixeldit repa-cache`)")
+        self.kind().check(self, path)
+
+    def kind(self):
+        """The mode's object (platform/repa.py): the one place that decides what each mode does."""
+        from .repa import repa_mode
+        return repa_mode(self.mode)
 
 
 @dataclass
@@ -306,9 +309,23 @@ class Config:
         if self.data.image_size % arch.patch_size:
             raise ConfigError(f"data.image_size={self.data.image_size} is not divisible by the "
                               f"model's patch size {arch.patch_size}")
-        if self.repa.mode != "off" and not 1 <= self.repa.block <= arch.patch_depth:
+        if self.repa.kind().has_loss and not 1 <= self.repa.block <= arch.patch_depth:
             raise ConfigError(f"repa.block={self.repa.block} outside 1..{arch.patch_depth} (model.patch_depth)")
         return self
+
+    def parallel_spec(self, world: int):
+        """What the parallel floor needs of this config on `world` ranks (pixeldit/parallel/spec.py)."""
+        from ..parallel.spec import OptimizerSpec, ParallelSpec
+
+        layout = self.train.layout(world)
+        first = self.schedule.stages[0]
+        optimizer = OptimizerSpec(lr=first.lr, clip=first.clip, betas=tuple(self.optim.betas), eps=self.optim.eps,
+                                  weight_decay=self.optim.weight_decay)
+        return ParallelSpec(strategy=self.distributed.strategy, bf16=self.distributed.precision == "bf16",
+                            global_batch=self.train.global_batch, micro_batch=layout.micro_batch,
+                            accumulation=layout.accumulation,
+                            activation_checkpointing=self.train.activation_checkpointing,
+                            compile=self.train.compile, optimizer=optimizer)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

@@ -14,9 +14,12 @@ import os
 import torch
 
 from ..errors import ConfigError, MissingFileError, WeightsError
-from ..models import PixelDiT, PixelDiTArch, build_projector
-from .checkpoint import latest_checkpoint, read_meta
-from .ema import load_full_ema
+from ..models import PixelDiT, PixelDiTArch
+from ..parallel import TrainModule
+from ..parallel.checkpoint import latest_checkpoint, read_meta
+from ..parallel.checkpoint_state import read_trained_weights
+from ..parallel.ema import load_full_ema
+from .repa import repa_mode
 
 FORMAT = "pixeldit-export-v1"
 
@@ -34,30 +37,12 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def _template(arch: PixelDiTArch, meta: dict) -> dict[str, torch.Tensor]:
-    from .strategies import TrainModule
-    config = meta["config"]
-    projector = None
-    if config["repa"]["mode"] != "off":
-        with torch.device("meta"):
-            projector = build_projector(arch.hidden_size, config["repa"]["encoder_dim"])
+    """The state dict's keys and shapes of the TrainModule that wrote the checkpoint (no memory)."""
+    repa = meta["config"]["repa"]
     with torch.device("meta"):
+        projector = repa_mode(repa["mode"]).build_projector(arch.hidden_size, repa["encoder_dim"])
         module = TrainModule(PixelDiT(arch), projector)
     return module.state_dict()
-
-
-def trained_weights(ckpt: str, meta: dict, template: dict) -> dict[str, torch.Tensor]:
-    """The engine's fp32 weights, consolidated in this process from whatever strategy wrote them."""
-    engine = os.path.join(ckpt, "engine")
-    strategy = meta["strategy"]
-    if strategy == "ddp":
-        return torch.load(os.path.join(engine, "state.pt"), map_location="cpu", weights_only=True)["module"]
-    if strategy == "fsdp":
-        import torch.distributed.checkpoint as dcp
-        state = {"module": {k: torch.empty(v.shape, dtype=torch.float32) for k, v in template.items()}}
-        dcp.load(state, checkpoint_id=engine)
-        return state["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(engine, tag="engine")
 
 
 def consolidate_checkpoint(path: str, parts=("model", "ema", "projector")) -> dict:
@@ -80,7 +65,7 @@ def consolidate_checkpoint(path: str, parts=("model", "ema", "projector")) -> di
         return {k[len(prefix):]: state[k].float().contiguous() for k in template if k.startswith(prefix)}
 
     if "model" in parts or "projector" in parts:
-        weights = trained_weights(ckpt, meta, template)
+        weights = read_trained_weights(meta["strategy"], os.path.join(ckpt, "engine"), template)
         if "model" in parts:
             out["model"] = group(weights, "model.")
         if "projector" in parts:

@@ -13,11 +13,11 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
+from typing import Callable
 
 import torch
-
-from .trackers import build_trackers, tracker_names
 
 log = logging.getLogger("pixeldit.train")
 
@@ -35,7 +35,7 @@ def peak_tflops(device: torch.device, configured: float) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def provenance(cfg, world: int) -> dict:
+def provenance(world: int) -> dict:
     """Resolved config, git SHA, package versions and the launch environment, credentials redacted."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -69,39 +69,24 @@ def window_mean(values) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def run_banner(trainer, resumed: bool) -> list[str]:
-    """What this run is, in a few lines at its start: the first thing to check in a job's log."""
-    cfg = trainer.cfg
-    arch = trainer.arch
-    projector = (f" + REPA projector {trainer.projector_parameter_count / 1e6:.2f}M"
-                 if trainer.projector_parameter_count else "")
-    manifest = trainer.loader.spec.manifest
-    processes = f"{trainer.world} process{'es' if trainer.world > 1 else ''}"
-    start = f"resumed from step {trainer.state.step:,}" if resumed else "new run"
-    root = trainer.checkpoint_root
-    checkpoints = root if "://" in root else os.path.abspath(root)
-    trackers = ", ".join(tracker_names(cfg)) or "none"
-    return [
-        f"PixelDiT training: {start}, {cfg.train.steps:,} steps",
-        f"model       {cfg.model.name} (D={arch.hidden_size}, patch {arch.patch_size}): "
-        f"{trainer.parameter_count / 1e6:.2f}M parameters{projector}",
-        f"data        {cfg.data.source}: {manifest.num_samples:,} samples in {len(manifest.shards)} shards, "
-        f"{cfg.data.image_size}px, {cfg.data.decoder} decoder",
-        f"world       {processes} on {trainer.device.type}, strategy {trainer.strategy.name}, "
-        f"{cfg.distributed.precision}",
-        f"batch       {trainer.layout.describe()}",
-        f"run dir     {os.path.abspath(trainer.run_dir)} (trackers: {trackers})",
-        f"checkpoints {checkpoints} every {cfg.checkpoint.every_steps:,} steps",
-    ]
+@dataclass(frozen=True)
+class MonitorSpec:
+    total_steps: int        # train.steps
+    log_every: int          # logging.every_steps
+    peak_tflops: float      # logging.peak_tflops; 0 looks the device up in PEAK_TFLOPS
+    flops_per_image: float  # one training forward and backward
+    config_yaml: str        # the resolved config, written beside the run and to the trackers
 
 
 class Monitor:
     """Rank 0's console (banner, log lines, progress bar) and trackers; on other ranks it does nothing."""
 
-    def __init__(self, cfg, run_dir: str, rank: int, world: int, device: torch.device, flops_per_image: float):
-        self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
-        self.flops_per_image = flops_per_image
-        self.peak = peak_tflops(device, cfg.logging.peak_tflops)
+    def __init__(self, spec: MonitorSpec, run_dir: str, rank: int, world: int, device: torch.device,
+                 open_trackers: Callable[[], list]):
+        self.spec, self.run_dir, self.rank, self.world, self.device = spec, run_dir, rank, world, device
+        self.open_trackers = open_trackers
+        self.flops_per_image = spec.flops_per_image
+        self.peak = peak_tflops(device, spec.peak_tflops)
         self.bar = None
         self.window = []
         self.clock = {"start": time.perf_counter(), "step": 0}
@@ -116,9 +101,9 @@ class Monitor:
         self.clock = {"start": time.perf_counter(), "step": step}
         if self.rank != 0:
             return
-        self.trackers = build_trackers(self.cfg, self.run_dir)
-        info = provenance(self.cfg, self.world)
-        config_yaml = self.cfg.to_yaml()
+        self.trackers = self.open_trackers()
+        info = provenance(self.world)
+        config_yaml = self.spec.config_yaml
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             f.write(config_yaml)
         with open(os.path.join(self.run_dir, "provenance.json"), "w") as f:
@@ -128,14 +113,14 @@ class Monitor:
         log.info("\n  ".join(banner))
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
-        self.bar = tqdm(total=self.cfg.train.steps, initial=step, unit="step", desc="train", dynamic_ncols=True,
+        self.bar = tqdm(total=self.spec.total_steps, initial=step, unit="step", desc="train", dynamic_ncols=True,
                         disable=not sys.stderr.isatty() and os.environ.get("PIXELDIT_PROGRESS") != "1")
         if not self.bar.disable:
             # log records go through tqdm.write while the bar is up: it lifts the bar, prints the line,
             # redraws the bar, so neither writes over the other
             self.console.enter_context(logging_redirect_tqdm())
 
-    def step(self, state, metrics: dict, loader, ema, strategy):
+    def step(self, state, metrics: dict, loader, ema):
         if self.rank != 0:
             return
         step = state.step
@@ -148,8 +133,7 @@ class Monitor:
             self.bar.n = step
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self.bar.update(0)
-        every = self.cfg.logging.every_steps
-        if step % every and step != self.cfg.train.steps:
+        if step % self.spec.log_every and step != self.spec.total_steps:
             return
         window, self.window = self.window, []
         step_time = sum(m["step_time"] for m in window) / len(window)
@@ -180,10 +164,10 @@ class Monitor:
         # be visible without opening TensorBoard
         log.info("step %d/%d  loss %.4f (mean of %d)%s  grad %.3f  lr %.2e  clip %.2f  %.1f img/s  data %.0f%%  "
                  "skipped steps %d  data retries %d  data skipped %d  elapsed %s  eta %s", step,
-                 self.cfg.train.steps, loss, len(window), repa, metrics["grad_norm"], metrics["lr"], metrics["clip"],
+                 self.spec.total_steps, loss, len(window), repa, metrics["grad_norm"], metrics["lr"], metrics["clip"],
                  images_per_s, 100 * data_share, state.skipped, loader.stats.retries,
                  sum(loader.stats.skipped.values()), duration(now - self.clock["start"]),
-                 duration(per_step * (self.cfg.train.steps - step)))
+                 duration(per_step * (self.spec.total_steps - step)))
 
     def add_scalars(self, scalars: dict, step: int):
         for tracker in self.trackers:

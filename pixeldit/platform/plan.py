@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..models.flops import forward_flops, training_flops
 from ..models.layers import swiglu_hidden
 from .batch_layout import batch_layout
-from .strategies import STRATEGIES
+from ..parallel.spec import STRATEGIES
 
 GB = 1e9
 
@@ -79,14 +79,14 @@ def parameter_shapes(cfg) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every trained parameter in TrainModule order (model, then projector)."""
     import torch
 
-    from ..models import build_model, build_projector
+    from ..models import build_model
 
     arch = cfg.model.arch()
     with torch.device("meta"):
         model = build_model(cfg.model.name, **cfg.model.overrides())
         shapes = [(f"model.{n}", tuple(p.shape)) for n, p in model.named_parameters()]
-        if cfg.repa.mode != "off":
-            projector = build_projector(arch.hidden_size, cfg.repa.encoder_dim)
+        projector = cfg.repa.kind().build_projector(arch.hidden_size, cfg.repa.encoder_dim)
+        if projector is not None:
             shapes += [(f"projector.{n}", tuple(p.shape)) for n, p in projector.named_parameters()]
     return shapes
 
@@ -253,7 +253,7 @@ def saved_activation_elements(terms: Activations, arch, checkpointing: str) -> f
     total = terms.base + terms.projector
     pit_checkpointed = False
     for i, (full, kept) in enumerate(zip(blocks, inputs)):
-        # strategies.apply_activation_checkpointing's rule over patch blocks, then PiT blocks
+        # parallel/wrap.apply_activation_checkpointing's rule over patch blocks, then PiT blocks
         checkpointed = checkpointing == "every" or (checkpointing == "selective" and i % 2 == 0)
         total += kept if checkpointed else full
         pit_checkpointed |= checkpointed and i >= arch.patch_depth
@@ -386,118 +386,160 @@ def loader_memory(cfg, per_rank: int, decoded_per_image: float, stored_per_image
             "device_batches": device_batches, "device_bytes": device_batches * per_rank * decoded_per_image}
 
 
-def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
+@dataclass
+class _Run:
+    """The figures every strategy's plan shares."""
+    cfg: object
+    inputs: PlanInputs
+    arch: object
+    size: int
+    bf16: bool
+    shapes: list
+    n_params: int
+    flops_image: float
+    layout: object
+    link_name: str
+    link_gbps: float
+    dino: dict
+    encoder_bytes: float
+    features_bytes: float
+    image_bytes: float
+    image_bytes_source: str
+    samples: int | None
+    loader: dict
+    step_flops: float
+    step_flops_dino: float
+    compute_s: float
+
+
+def _run_figures(cfg, inputs: PlanInputs) -> _Run:
     arch = cfg.model.arch()
     size = cfg.data.image_size
-    bf16 = cfg.distributed.precision == "bf16"
-    repa = cfg.repa.mode != "off"
+    repa = cfg.repa.kind()
     shapes = parameter_shapes(cfg)
-    n_params = sum(_numel(s) for _, s in shapes)
     flops_image = training_flops(arch, size, size)
-    gpu = inputs.gpu
-    usable = gpu.memory_gb * GB * USABLE_MEMORY_FRACTION
     world = inputs.gpus
     layout = cfg.train.layout(world)  # the trainer's own split, and its refusal
-    per_rank = layout.per_rank
-    link_name, link_gbps = link(gpu, world)
-
+    link_name, link_gbps = link(inputs.gpu, world)
     dino = dino_figures(cfg.repa.encoder, size)
-    online = cfg.repa.mode == "online"
     # the encoder runs in bf16 on GPUs without gradients: its weights stay, its activations do not
-    encoder_bytes = 2 * dino["params"] if online else 0.0
+    encoder_bytes = 2 * dino["params"] if repa.encodes_online else 0.0
     decoded_per_image = 3 * size * size  # decoded uint8 RGB
     features_bytes = REPA_CACHE_BYTES_PER_VALUE * (size // arch.patch_size) ** 2 * cfg.repa.encoder_dim
     image_bytes, image_bytes_source, samples = manifest_image_bytes(cfg)
     stored_per_image = image_bytes
-    if cfg.repa.mode == "cached":
+    if repa.reads_features:
         # the targets travel with the images, in the cache's 16 bits
         decoded_per_image += features_bytes
         stored_per_image += features_bytes
-    loader = loader_memory(cfg, per_rank, decoded_per_image, stored_per_image)
-
     step_flops = flops_image * cfg.train.global_batch
-    step_flops_dino = dino["flops"] * cfg.train.global_batch if online else 0.0
-    compute_s = (step_flops + step_flops_dino) / (world * gpu.bf16_tflops * 1e12 * inputs.mfu)
+    step_flops_dino = dino["flops"] * cfg.train.global_batch if repa.encodes_online else 0.0
+    return _Run(cfg=cfg, inputs=inputs, arch=arch, size=size, bf16=cfg.distributed.precision == "bf16",
+                shapes=shapes, n_params=sum(_numel(s) for _, s in shapes), flops_image=flops_image, layout=layout,
+                link_name=link_name, link_gbps=link_gbps, dino=dino, encoder_bytes=encoder_bytes,
+                features_bytes=features_bytes, image_bytes=image_bytes, image_bytes_source=image_bytes_source,
+                samples=samples, loader=loader_memory(cfg, layout.per_rank, decoded_per_image, stored_per_image),
+                step_flops=step_flops, step_flops_dino=step_flops_dino,
+                compute_s=(step_flops + step_flops_dino) / (world * inputs.gpu.bf16_tflops * 1e12 * inputs.mfu))
 
-    per_strategy = {}
-    for name in strategies:
-        # the fullest rank: padding and the parameters that straddle partitions differ between ranks
-        state = max((state_bytes(shapes, name, world, rank, bf16) for rank in range(world)),
-                    key=lambda counts: sum(counts.values()))
-        transient = transient_bytes(shapes, name, world, bf16)
-        if name == "ddp" and bf16:
-            transient["autocast weight copies"] = 2 * n_params  # bf16 casts kept for backward
-        fixed = sum(state.values()) + sum(transient.values()) + encoder_bytes + loader["device_bytes"]
-        modes = {}
-        for mode in ("none", "every"):
-            act = activation_bytes_per_image(arch, size, size, repa, mode, bf16)
-            # the recomputed block lives at the micro batch's size too
-            per_image = act["saved"] + act["recompute"]
-            room = usable - fixed
-            fits = max(0, int(room // per_image)) if room > 0 else 0
-            # the configured micro-batch when it fits, else the layout train.micro_batch=<what fits> gives
-            runs = layout if fits >= layout.micro_batch else (
-                batch_layout(cfg.train.global_batch, fits, world) if fits else None)
-            modes[mode] = {"activation_bytes_per_image": act["saved"], "recompute_bytes_per_image": act["recompute"],
-                           "max_micro_batch_memory": fits, "configured_fits": fits >= layout.micro_batch,
-                           "micro_batch": runs.micro_batch if runs else 0,
-                           "accumulation": runs.accumulation if runs else None}
-        checkpoint_bytes = _checkpoint_bytes(n_params, name, bf16)
-        accumulation = modes["none"]["accumulation"] or modes["every"]["accumulation"] or layout.accumulation
-        traffic = comm_bytes_per_step(n_params, name, world, accumulation, bf16)
-        comm_s = traffic / (link_gbps * GB) if link_gbps else (0.0 if not traffic else None)
-        # collectives assumed to overlap compute fully (FSDP2 and ZeRO prefetch, DDP's buckets run during
-        # backward): only communication beyond the compute lengthens the step
-        step_s = max(compute_s, comm_s or 0.0)
-        per_strategy[name] = {"comm_bytes_per_step": traffic, "comm_s_per_step": comm_s,
-                              "comm_vs_compute": comm_s / compute_s if comm_s is not None else None,
-                              "comm_bound": comm_s is not None and comm_s > compute_s, "step_s": step_s,
-                              "checkpoint_bytes": checkpoint_bytes,
-                              "checkpoint_save_s": checkpoint_bytes / (inputs.storage_gbps * GB),
-                              "state": state, "transient": transient, "encoder_bytes": encoder_bytes,
-                              "loader_device_bytes": loader["device_bytes"],
-                              "fixed_bytes": fixed, "activation_checkpointing": modes}
 
+def _micro_batch_fits(run: _Run, fixed: float) -> dict:
+    """Per activation-checkpointing mode: the largest micro batch that fits beside `fixed` bytes."""
+    cfg, layout = run.cfg, run.layout
+    usable = run.inputs.gpu.memory_gb * GB * USABLE_MEMORY_FRACTION
+    modes = {}
+    for mode in ("none", "every"):
+        act = activation_bytes_per_image(run.arch, run.size, run.size, cfg.repa.kind().has_loss, mode, run.bf16)
+        # the recomputed block lives at the micro batch's size too
+        per_image = act["saved"] + act["recompute"]
+        room = usable - fixed
+        fits = max(0, int(room // per_image)) if room > 0 else 0
+        # the configured micro-batch when it fits, else the layout train.micro_batch=<what fits> gives
+        runs = layout if fits >= layout.micro_batch else (
+            batch_layout(cfg.train.global_batch, fits, run.inputs.gpus) if fits else None)
+        modes[mode] = {"activation_bytes_per_image": act["saved"], "recompute_bytes_per_image": act["recompute"],
+                       "max_micro_batch_memory": fits, "configured_fits": fits >= layout.micro_batch,
+                       "micro_batch": runs.micro_batch if runs else 0,
+                       "accumulation": runs.accumulation if runs else None}
+    return modes
+
+
+def _strategy_plan(run: _Run, name: str) -> dict:
+    world = run.inputs.gpus
+    # the fullest rank: padding and the parameters that straddle partitions differ between ranks
+    state = max((state_bytes(run.shapes, name, world, rank, run.bf16) for rank in range(world)),
+                key=lambda counts: sum(counts.values()))
+    transient = transient_bytes(run.shapes, name, world, run.bf16)
+    if name == "ddp" and run.bf16:
+        transient["autocast weight copies"] = 2 * run.n_params  # bf16 casts kept for backward
+    fixed = sum(state.values()) + sum(transient.values()) + run.encoder_bytes + run.loader["device_bytes"]
+    modes = _micro_batch_fits(run, fixed)
+    checkpoint_bytes = _checkpoint_bytes(run.n_params, name, run.bf16)
+    accumulation = modes["none"]["accumulation"] or modes["every"]["accumulation"] or run.layout.accumulation
+    traffic = comm_bytes_per_step(run.n_params, name, world, accumulation, run.bf16)
+    comm_s = traffic / (run.link_gbps * GB) if run.link_gbps else (0.0 if not traffic else None)
+    # collectives assumed to overlap compute fully (FSDP2 and ZeRO prefetch, DDP's buckets run during
+    # backward): only communication beyond the compute lengthens the step
+    step_s = max(run.compute_s, comm_s or 0.0)
+    return {"comm_bytes_per_step": traffic, "comm_s_per_step": comm_s,
+            "comm_vs_compute": comm_s / run.compute_s if comm_s is not None else None,
+            "comm_bound": comm_s is not None and comm_s > run.compute_s, "step_s": step_s,
+            "checkpoint_bytes": checkpoint_bytes,
+            "checkpoint_save_s": checkpoint_bytes / (run.inputs.storage_gbps * GB),
+            "state": state, "transient": transient, "encoder_bytes": run.encoder_bytes,
+            "loader_device_bytes": run.loader["device_bytes"],
+            "fixed_bytes": fixed, "activation_checkpointing": modes}
+
+
+def _repa_plan(run: _Run, img_s: float) -> dict:
+    cfg, dino, gpu, mfu = run.cfg, run.dino, run.inputs.gpu, run.inputs.mfu
+    encoder_s_per_image = dino["flops"] / (gpu.bf16_tflops * 1e12 * mfu)
+    return {
+        "mode": cfg.repa.mode, "encoder": dino["name"],
+        "cache_bytes_per_image": run.features_bytes,
+        # the whole cache: one entry per sample of data.source (known from its manifest only)
+        "cache_bytes": run.features_bytes * run.samples if run.samples else None,
+        "cache_bandwidth_bytes_s": run.features_bytes * img_s,
+        "online_encoder_flops_per_image": dino["flops"],
+        "online_encoder_gpu_fraction": dino["flops"] / (run.flops_image + dino["flops"]),
+        "online_encoder_gpu_hours": encoder_s_per_image * cfg.train.global_batch * cfg.train.steps / 3600,
+    }
+
+
+def make_plan(cfg, inputs: PlanInputs, strategies=STRATEGIES) -> dict:
+    run = _run_figures(cfg, inputs)
+    gpu, world, layout = inputs.gpu, inputs.gpus, run.layout
+    per_strategy = {name: _strategy_plan(run, name) for name in strategies}
     timed = cfg.distributed.strategy if cfg.distributed.strategy in per_strategy else None
-    step_s = per_strategy[timed]["step_s"] if timed else compute_s
+    step_s = per_strategy[timed]["step_s"] if timed else run.compute_s
     img_s = cfg.train.global_batch / step_s
     total_s = step_s * cfg.train.steps
     gpu_hours = total_s * world / 3600
-    encoder_s_per_image = dino["flops"] / (gpu.bf16_tflops * 1e12 * inputs.mfu)
-    repa_info = {
-        "mode": cfg.repa.mode, "encoder": dino["name"],
-        "cache_bytes_per_image": features_bytes,
-        # the whole cache: one entry per sample of data.source (known from its manifest only)
-        "cache_bytes": features_bytes * samples if samples else None,
-        "cache_bandwidth_bytes_s": features_bytes * img_s,
-        "online_encoder_flops_per_image": dino["flops"],
-        "online_encoder_gpu_fraction": dino["flops"] / (flops_image + dino["flops"]),
-        "online_encoder_gpu_hours": encoder_s_per_image * cfg.train.global_batch * cfg.train.steps / 3600,
-    }
     return {
-        "config": {"model": cfg.model.name, "image_size": size, "precision": cfg.distributed.precision,
+        "config": {"model": cfg.model.name, "image_size": run.size, "precision": cfg.distributed.precision,
                    "global_batch": cfg.train.global_batch, "steps": cfg.train.steps,
                    "configured_strategy": cfg.distributed.strategy, "configured_micro_batch": cfg.train.micro_batch,
-                   "repa": cfg.repa.mode, "parameters": n_params},
+                   "repa": cfg.repa.mode, "parameters": run.n_params},
         "gpu": dataclasses.asdict(gpu), "gpus": world,
         "layout": {**dataclasses.asdict(layout), "global_batch": layout.global_batch, "describe": layout.describe()},
-        "link": {"name": link_name, "gbps": link_gbps, "nodes": -(-world // gpu.gpus_per_node)},
+        "link": {"name": run.link_name, "gbps": run.link_gbps, "nodes": -(-world // gpu.gpus_per_node)},
         "assumptions": {"mfu": inputs.mfu, "usable_memory_fraction": USABLE_MEMORY_FRACTION,
-                        "storage_gbps": inputs.storage_gbps, "bytes_per_image_source": image_bytes_source,
+                        "storage_gbps": inputs.storage_gbps, "bytes_per_image_source": run.image_bytes_source,
                         "comm_overlap": "full: step = max(compute, communication)",
                         "loader_prefetch": LOADER_PREFETCH,
                         "price_per_gpu_hour": inputs.price_per_gpu_hour},
-        "flops": {"training_per_image": flops_image, "forward_per_image": forward_flops(arch, size, size)["total"],
-                  "per_step": step_flops + step_flops_dino},
-        "time": {"strategy": timed, "compute_s": compute_s, "step_s": step_s, "images_per_s": img_s,
+        "flops": {"training_per_image": run.flops_image,
+                  "forward_per_image": forward_flops(run.arch, run.size, run.size)["total"],
+                  "per_step": run.step_flops + run.step_flops_dino},
+        "time": {"strategy": timed, "compute_s": run.compute_s, "step_s": step_s, "images_per_s": img_s,
                  "total_s": total_s, "total_days": total_s / 86400, "gpu_hours": gpu_hours,
                  "cost": gpu_hours * inputs.price_per_gpu_hour if inputs.price_per_gpu_hour is not None else None},
         "checkpoint": {"every_steps": cfg.checkpoint.every_steps,
                        "saves": cfg.train.steps // cfg.checkpoint.every_steps if cfg.checkpoint.every_steps else 0},
-        "data": {"bytes_per_image": image_bytes, "bandwidth_bytes_s": image_bytes * img_s,
+        "data": {"bytes_per_image": run.image_bytes, "bandwidth_bytes_s": run.image_bytes * img_s,
                  "images_per_s_per_gpu": img_s / world},
-        "loader": loader,
-        "repa": repa_info,
+        "loader": run.loader,
+        "repa": _repa_plan(run, img_s),
         "strategies": per_strategy,
     }
 
@@ -542,10 +584,12 @@ def _gbps(x: float) -> str:
 
 
 def format_plan(plan: dict) -> str:
-    c, g, a, t, k = plan["config"], plan["gpu"], plan["assumptions"], plan["time"], plan["link"]
-    lo = plan["loader"]
-    per_node = min(plan["gpus"], g["gpus_per_node"])
-    lines = [
+    return "\n".join(_header_lines(plan) + _table_lines(plan) + _summary_lines(plan))
+
+
+def _header_lines(plan: dict) -> list[str]:
+    c, g, a, k = plan["config"], plan["gpu"], plan["assumptions"], plan["link"]
+    return [
         f"plan      {c['model']} ({c['parameters'] / 1e6:.2f}M trained parameters) at {c['image_size']}px, "
         f"{c['precision']}, global batch {c['global_batch']}, {c['steps']} steps, REPA {c['repa']}",
         f"hardware  {plan['gpus']} x {g['name']}: {g['bf16_tflops']:.0f} TFLOP/s bf16 dense, {g['memory_gb']:.0f} GB "
@@ -558,7 +602,14 @@ def format_plan(plan: dict) -> str:
         "",
         f"{'memory per rank (GB)':<28}" + "".join(f"{s:>9}" for s in plan["strategies"]),
     ]
+
+
+def _table_lines(plan: dict) -> list[str]:
+    """Per strategy, one column: memory, the largest micro batch, communication."""
+    g, k, lo = plan["gpu"], plan["link"], plan["loader"]
+    per_node = min(plan["gpus"], g["gpus_per_node"])
     strategies = plan["strategies"]
+    lines = []
 
     def row(label, fn):
         lines.append(f"{label:<28}" + "".join(f"{fn(v):>9}" for v in strategies.values()))
@@ -586,7 +637,15 @@ def format_plan(plan: dict) -> str:
     lines.append(f"host memory per rank: loader {lo['host_batches']} {lo['decoder']} batches of "
                  f"{plan['layout']['per_rank']} {'encoded' if lo['decoder'] == 'dali' else 'decoded'} images = {lo['host_bytes'] / GB:.2f} GB "
                  f"({per_node * lo['host_bytes'] / GB:.1f} GB per node of {per_node})")
+    return lines
+
+
+def _summary_lines(plan: dict) -> list[str]:
+    """Time, cost, checkpoints, data and REPA rates under the configured strategy."""
+    c, a, t, k = plan["config"], plan["assumptions"], plan["time"], plan["link"]
     f, ck, d, r = plan["flops"], plan["checkpoint"], plan["data"], plan["repa"]
+    strategies = plan["strategies"]
+    lines = []
     own = strategies.get(c["configured_strategy"]) or next(iter(strategies.values()))
     cost = f", ${t['cost']:,.0f} at ${a['price_per_gpu_hour']}/GPU-h" if t["cost"] is not None else \
         " (give --price-per-gpu-hour for the cost)"
@@ -595,7 +654,7 @@ def format_plan(plan: dict) -> str:
         lines.append(f"warning   communication exceeds the {1e3 * t['compute_s']:.0f} ms of compute per step over "
                      f"{k['name']} ({', '.join(bound)}): those steps wait on communication")
     speed = f"{t['strategy']}: " if t["strategy"] else ""
-    lines += [
+    return lines + [
         "",
         f"compute   {f['training_per_image'] / 1e9:.1f} GFLOPs/image for training (3x forward, as `pixeldit info`)",
         f"speed     {speed}{t['step_s']:.3f} s/step (compute {t['compute_s']:.3f} s), {t['images_per_s']:.0f} img/s "
@@ -614,4 +673,3 @@ def format_plan(plan: dict) -> str:
         f"online {r['encoder']} would cost {r['online_encoder_gpu_fraction']:.1%} of the GPU time "
         f"({r['online_encoder_gpu_hours']:,.0f} GPU-hours); configured: {r['mode']}",
     ]
-    return "\n".join(lines)

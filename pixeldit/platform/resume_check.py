@@ -14,6 +14,7 @@ import hashlib
 import json
 
 from ..errors import CheckpointError, ConfigError
+from .repa import repa_mode
 
 FIXED, FREE = "fixed", "free"
 
@@ -112,7 +113,8 @@ def refused_changes(saved: dict, cfg, saved_data: str | None = None,
     defaults = flatten(Config().to_dict())
     old, new = flatten(saved), flatten(cfg.to_dict())
     # without a projector on one side its block and width are moot (a mode change is listed itself)
-    repa_off = "off" in (new.get("repa.mode"), old.get("repa.mode", defaults["repa.mode"]))
+    modes = (new.get("repa.mode"), old.get("repa.mode", defaults["repa.mode"]))
+    repa_off = not all(repa_mode(mode).has_loss for mode in modes)
     zero = str(new.get("distributed.strategy", "")).startswith("zero")
     changes = []
     for key, value in new.items():

@@ -23,15 +23,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, TrainingDiverged, WeightsError
+from .. import storage
+from ..errors import TrainingDiverged, WeightsError
 from ..diffusion import RectifiedFlow, repa_loss, velocity_loss
-from ..models import build_model, build_projector, training_flops
-from .checkpoint import join, latest_checkpoint, load_rank_state, read_meta, register_root, save_checkpoint
-from .ema import ShardedEMA
-from .monitor import Monitor, run_banner
+from ..models import build_model, training_flops
+from ..parallel import TrainModule, build_strategy
+from ..parallel.checkpoint import join, latest_checkpoint, load_rank_state, read_meta, save_checkpoint
+from ..parallel.ema import ShardedEMA
+from ..parallel.torch_internals import cpu_has_native_bf16
+from .monitor import Monitor, MonitorSpec
 from .preview import write_preview
 from .schedule import StagedSchedule
-from .strategies import TrainModule, build_strategy
+from .trackers import build_trackers, tracker_names
 
 log = logging.getLogger("pixeldit.train")
 
@@ -50,10 +53,6 @@ def setup_distributed(cfg) -> tuple[int, int, torch.device]:
     from ..distributed import join_process_group
 
     cuda = torch.cuda.is_available()
-    if not cuda and "OMP_NUM_THREADS" not in os.environ:
-        # CPU runs: one intra-op thread per process unless told otherwise. Small models gain little
-        # from more, and OpenMP's spin-waiting turns any competing process into a 10-20x slowdown
-        torch.set_num_threads(1)
     rank, world, local_rank, _ = join_process_group(cuda, cfg.distributed.backend, cfg.distributed.timeout_s)
     return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
@@ -124,8 +123,7 @@ class Trainer:
             warnings.filterwarnings("ignore", category=UserWarning,
                                     message="torch.distributed is disabled, unavailable or uninitialized")
         self.layout = cfg.train.layout(self.world)  # refuses a batch the ranks cannot share before any work
-        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        if self.device.type == "cpu" and cfg.distributed.precision == "bf16" and not native_bf16:
+        if self.device.type == "cpu" and cfg.distributed.precision == "bf16" and not cpu_has_native_bf16():
             log.warning("bf16 on a CPU without avx512_bf16/AMX runs emulated matmuls, ~40x slower than fp32 "
                         "(docs/benchmarks.md); use distributed.precision=fp32 here")
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and strategy
@@ -138,16 +136,19 @@ class Trainer:
         arch = cfg.model.arch()
         self.arch = arch
         model = build_model(cfg.model.name, **cfg.model.overrides())
-        projector = build_projector(arch.hidden_size, cfg.repa.encoder_dim) if cfg.repa.mode != "off" else None
+        self.repa = cfg.repa.kind()
+        projector = self.repa.build_projector(arch.hidden_size, cfg.repa.encoder_dim)
         # counted before a strategy shards them (ZeRO-3 and FSDP leave each rank a part)
         self.parameter_count = sum(p.numel() for p in model.parameters())
         self.projector_parameter_count = sum(p.numel() for p in projector.parameters()) if projector else 0
-        self.encoder = self._online_encoder() if cfg.repa.mode == "online" else None
+        self.repa.start(cfg.repa, cfg.data.image_size, arch.patch_size, self.device,
+                        cfg.distributed.precision == "bf16")
         if cfg.train.init_from:
             load_initial_weights(model, cfg.train.init_from)
-        self.strategy = build_strategy(TrainModule(model, projector, cfg.repa.block), cfg, self.device)
-        self.ema = ShardedEMA(self.strategy.fragments(), cfg.ema.decay, cfg.ema.warmup,
-                              replicated=self.strategy.name == "ddp")
+        self.strategy = build_strategy(TrainModule(model, projector, cfg.repa.block), cfg.parallel_spec(self.world),
+                                       self.device)
+        self.ema = ShardedEMA(self.strategy.checkpoint.fragments(), cfg.ema.decay, cfg.ema.warmup,
+                              replicated=self.strategy.checkpoint.replicated)
         self.flow = RectifiedFlow.from_config(cfg.diffusion, arch.num_classes)
         self.schedule = StagedSchedule.from_config(cfg.schedule)
         self.state = TrainState()
@@ -162,31 +163,11 @@ class Trainer:
         if cfg.eval.every_steps:
             from .eval_loop import InLoopEvaluator
             self.evaluator = InLoopEvaluator(cfg, self.device, self.rank)
-        self.monitor = Monitor(cfg, self.run_dir, self.rank, self.world, self.device,
-                               training_flops(arch, cfg.data.image_size, cfg.data.image_size))
-
-    def _online_encoder(self):
-        """Frozen DINOv2 beside the engine (never wrapped, never in a checkpoint); bf16 on GPUs."""
-        from ..models.dinov2 import load_dinov2
-
-        cfg = self.cfg
-        dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.distributed.precision == "bf16" else torch.float32
-        encoder = load_dinov2(cfg.repa.encoder, cfg.data.image_size, self.device, dtype)
-        tokens = (cfg.data.image_size // self.arch.patch_size) ** 2
-        if encoder.dim != cfg.repa.encoder_dim or encoder.tokens != tokens:
-            raise ConfigError(f"repa.encoder={cfg.repa.encoder}: gives {encoder.tokens} x {encoder.dim} targets, the "
-                              f"model needs {tokens} x repa.encoder_dim={cfg.repa.encoder_dim}; set "
-                              f"repa.encoder_dim={encoder.dim} or choose another encoder")
-        return encoder
-
-    def repa_targets(self, micro: dict, x: torch.Tensor) -> torch.Tensor | None:
-        """(B, T, C) fp32 targets of the clean images: from the cache, or DINOv2 on the batch."""
-        from ..data_pipelines.loader import repa_target
-
-        mode = self.cfg.repa.mode
-        if mode == "off":
-            return None
-        return repa_target(micro, self.device) if mode == "cached" else self.encoder(x)
+        self.monitor = Monitor(MonitorSpec(
+            total_steps=cfg.train.steps, log_every=cfg.logging.every_steps, peak_tflops=cfg.logging.peak_tflops,
+            flops_per_image=training_flops(arch, cfg.data.image_size, cfg.data.image_size),
+            config_yaml=cfg.to_yaml()), self.run_dir, self.rank, self.world, self.device,
+            open_trackers=lambda: build_trackers(cfg, self.run_dir))
 
     # ------------------------------------------------------------ resume
 
@@ -194,7 +175,7 @@ class Trainer:
         """checkpoint.dir (a folder or an fsspec URL), else <run_dir>/checkpoints."""
         c = self.cfg.checkpoint
         root = (c.dir or os.path.join(self.run_dir, "checkpoints")).rstrip("/")
-        register_root(root, {"endpoint_url": c.endpoint_url} if c.endpoint_url else {})
+        storage.register_root(root, {"endpoint_url": c.endpoint_url} if c.endpoint_url else {})
         return root
 
     def resume(self, path: str | None = None) -> bool:
@@ -203,7 +184,7 @@ class Trainer:
         The saved config is compared with this one before any state is loaded (resume_check.py).
         A run already at train.steps loads and says so: fit's loop then runs no step.
         """
-        from .checkpoint import latest_complete
+        from ..parallel.checkpoint import latest_complete
         from .resume_check import check_resume_config, data_fingerprint
 
         if path is not None:
@@ -217,7 +198,7 @@ class Trainer:
         check_resume_config(meta["config"], self.cfg, path, meta.get("data_fingerprint"),
                             data_fingerprint(self.loader.spec.manifest))
         # ddp / fsdp reshard by themselves; ZeRO converts to DeepSpeed's universal format when the world changed
-        self.strategy.load(join(path, "engine"), saved_world=meta["world"])
+        self.strategy.checkpoint.load(join(path, "engine"), saved_world=meta["world"])
         self.ema.load(join(path, "ema"), self.rank)
         rank_state = load_rank_state(path, self.rank if self.rank < meta["world"] else 0)
         self.loader.load_state_dict(rank_state["loader"])
@@ -247,7 +228,7 @@ class Trainer:
                 "model": {"name": self.cfg.model.name, **self.cfg.model.overrides()},
                 "config": self.cfg.to_dict(), "data_fingerprint": data_fingerprint(self.loader.spec.manifest)}
         rank_state = {"loader": self.loader.state_dict(), "rng": _rng_state()}
-        return save_checkpoint(self.checkpoint_root, s.step, self.rank, strategy=self.strategy, ema=self.ema,
+        return save_checkpoint(self.checkpoint_root, s.step, self.rank, engine=self.strategy.checkpoint, ema=self.ema,
                                rank_state=rank_state, meta=meta, keep_last=self.cfg.checkpoint.keep_last)
 
     # ------------------------------------------------------------ one step
@@ -273,7 +254,7 @@ class Trainer:
         self.strategy.begin_step(stage.lr, stage.clip)
         micros = list(self._micro_batches(batch))
         # DeepSpeed divides by its accumulation count itself; the others average micro-batch means here
-        divisor = 1 if self.strategy.name.startswith("zero") else len(micros)
+        divisor = 1 if self.strategy.averages_micro_batches else len(micros)
         # a micro-batch's loss is its samples' sum over the nominal size: a short one (skipped samples)
         # weighs what it holds, a stand-in nothing (its losses are sliced off, its gradients are zeros);
         # for a full one this is its mean, bit for bit
@@ -282,7 +263,7 @@ class Trainer:
         repa_sum = torch.zeros((), dtype=torch.float64)
         for i, (micro, real) in enumerate(micros):
             x, y = to_model_input(micro, self.device)
-            aligned = self.repa_targets(micro, x)
+            aligned = self.repa.targets(micro, x, self.device)
             draws = self.flow.draw(cfg.train.seed, s.step, micro["index"].tolist(), tuple(x.shape[1:]), self.device)
             x_t, t, y_in, target = self.flow.training_inputs(x, y, draws)
             with self.strategy.accumulating(last=i == len(micros) - 1):
@@ -303,7 +284,7 @@ class Trainer:
         if dist.is_initialized():
             dist.all_reduce(flags)
         loss = flags[0].item() / max(flags[1].item(), 1.0)
-        loss_repa = flags[4].item() / max(flags[1].item(), 1.0) if self.cfg.repa.mode != "off" else None
+        loss_repa = flags[4].item() / max(flags[1].item(), 1.0) if self.repa.has_loss else None
         nonfinite, stop = flags[2].item() > 0, flags[3].item() > 0
         grad_norm, stepped = self.strategy.finish_step(skip=nonfinite)
         if stepped:
@@ -336,70 +317,112 @@ class Trainer:
                              args=("%s: saving after step %d, then exiting%s",
                                    "Ctrl-C" if signum == signal.SIGINT else name, self.state.step + 1, again)).start()
 
+    def banner(self, resumed: bool) -> list[str]:
+        """What this run is, in a few lines at its start: the first thing to check in a job's log."""
+        cfg, arch = self.cfg, self.arch
+        projector = (f" + REPA projector {self.projector_parameter_count / 1e6:.2f}M"
+                     if self.projector_parameter_count else "")
+        manifest = self.loader.spec.manifest
+        processes = f"{self.world} process{'es' if self.world > 1 else ''}"
+        start = f"resumed from step {self.state.step:,}" if resumed else "new run"
+        root = self.checkpoint_root
+        checkpoints = root if "://" in root else os.path.abspath(root)
+        trackers = ", ".join(tracker_names(cfg)) or "none"
+        return [
+            f"PixelDiT training: {start}, {cfg.train.steps:,} steps",
+            f"model       {cfg.model.name} (D={arch.hidden_size}, patch {arch.patch_size}): "
+            f"{self.parameter_count / 1e6:.2f}M parameters{projector}",
+            f"data        {cfg.data.source}: {manifest.num_samples:,} samples in {len(manifest.shards)} shards, "
+            f"{cfg.data.image_size}px, {cfg.data.decoder} decoder",
+            f"world       {processes} on {self.device.type}, strategy {self.strategy.name}, "
+            f"{cfg.distributed.precision}",
+            f"batch       {self.layout.describe()}",
+            f"run dir     {os.path.abspath(self.run_dir)} (trackers: {trackers})",
+            f"checkpoints {checkpoints} every {cfg.checkpoint.every_steps:,} steps",
+        ]
+
     def fit(self, resume_from: str | None = None) -> TrainState:
         """Train to train.steps, resuming from `resume_from` or else the run's latest checkpoint."""
-        cfg = self.cfg
         previous = {}
-        data = None
+        batches = self._batches()
         try:
             resumed = self.resume(resume_from)
             if self.already_complete:
                 return self.state  # resume() said so; no banner, no epoch started
-            self.monitor.start(self.state.step, run_banner(self, resumed))
+            self.monitor.start(self.state.step, self.banner(resumed))
             # only now: a stop asked for while the checkpoint loads would train a step and write a full
             # checkpoint of nothing new; until here Ctrl-C is Python's KeyboardInterrupt (abort, exit 130)
             # and SIGTERM ends the process, as during the set-up before fit()
             previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-            data = iter(self.loader)
-            while self.state.step < cfg.train.steps:
+            while self.state.step < self.cfg.train.steps:
+                batch, t0 = next(batches)
+                t_data = time.perf_counter() - t0
+                metrics = self._step_naming_the_rank(batch)
+                metrics["data_time"], metrics["step_time"] = t_data, time.perf_counter() - t0
+                if self._after_step(metrics):
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.monitor.close()
+            batches.close()  # the epoch's threads end before the loader closes their decode processes
+            self.loader.close()  # a later fit() starts them again
+        return self.state
+
+    def _batches(self):
+        """(batch, when the wait for it began), epoch after epoch."""
+        data = iter(self.loader)
+        try:
+            while True:
                 t0 = time.perf_counter()
                 try:
                     batch = next(data)
                 except StopIteration:
                     data = iter(self.loader)
                     batch = next(data)
-                t_data = time.perf_counter() - t0
-                try:
-                    metrics = self.train_step(batch)
-                except Exception as e:
-                    if self.world > 1:
-                        # gloo / NCCL errors name neither this rank nor the step; a note adds both to the
-                        # traceback and keeps the error's type and message
-                        e.add_note(f"rank {self.rank} of {self.world}: step {self.state.step + 1} failed; if a "
-                                   f"peer died or stopped answering, see distributed.timeout_s="
-                                   f"{cfg.distributed.timeout_s}")
-                    raise
-                metrics["data_time"], metrics["step_time"] = t_data, time.perf_counter() - t0
-                self.state.history.append(metrics["loss"])
-                self.monitor.step(self.state, metrics, self.loader, self.ema, self.strategy)
-                if self.state.consecutive_skips >= cfg.logging.max_skipped_steps:
-                    raise TrainingDiverged(
-                        f"{self.state.consecutive_skips} consecutive steps had a non-finite loss or gradient norm "
-                        f"(last at step {self.state.step}); stopping with the last checkpoint intact: "
-                        f"{latest_checkpoint(self.checkpoint_root)}; lower the learning rate or the clip "
-                        f"(schedule.stages), or use distributed.precision=fp32, then run again to resume from it")
-                if metrics["stop"]:
-                    self.save()
-                    self.stopped_by = self.stop_signal or "a stop signal on another rank"
-                    if self.rank == 0:
-                        log.warning("stop requested (%s): saved step %d and exiting; the same command resumes "
-                                    "from it", self.stopped_by, self.state.step)
-                    break
-                if self.state.step % cfg.checkpoint.every_steps == 0 or self.state.step == cfg.train.steps:
-                    self.save()
-                every = cfg.logging.sample_every_steps
-                if (every and self.state.step % every == 0) or self.state.step == cfg.train.steps:
-                    self.last_preview = write_preview(self)
-                if self.evaluator is not None and self.state.step % cfg.eval.every_steps == 0:
-                    self.last_eval = self.evaluator.run(self)
+                yield batch, t0
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.monitor.close()
-            if data is not None:
-                data.close()  # the epoch's threads end before the loader closes their decode processes
-            self.loader.close()  # a later fit() starts them again
-        return self.state
+            data.close()
+
+    def _step_naming_the_rank(self, batch: dict) -> dict:
+        try:
+            return self.train_step(batch)
+        except Exception as e:
+            if self.world > 1:
+                # gloo / NCCL errors name neither this rank nor the step; a note adds both to the
+                # traceback and keeps the error's type and message
+                e.add_note(f"rank {self.rank} of {self.world}: step {self.state.step + 1} failed; if a "
+                           f"peer died or stopped answering, see distributed.timeout_s="
+                           f"{self.cfg.distributed.timeout_s}")
+            raise
+
+    def _after_step(self, metrics: dict) -> bool:
+        """Log, guard, then checkpoint, preview and evaluate on their cadence; True when the run stops here."""
+        cfg, step = self.cfg, self.state.step
+        self.state.history.append(metrics["loss"])
+        self.monitor.step(self.state, metrics, self.loader, self.ema)
+        if self.state.consecutive_skips >= cfg.logging.max_skipped_steps:
+            raise TrainingDiverged(
+                f"{self.state.consecutive_skips} consecutive steps had a non-finite loss or gradient norm "
+                f"(last at step {step}); stopping with the last checkpoint intact: "
+                f"{latest_checkpoint(self.checkpoint_root)}; lower the learning rate or the clip "
+                f"(schedule.stages), or use distributed.precision=fp32, then run again to resume from it")
+        if metrics["stop"]:
+            self.save()
+            self.stopped_by = self.stop_signal or "a stop signal on another rank"
+            if self.rank == 0:
+                log.warning("stop requested (%s): saved step %d and exiting; the same command resumes "
+                            "from it", self.stopped_by, step)
+            return True
+        last = step == cfg.train.steps
+        if step % cfg.checkpoint.every_steps == 0 or last:
+            self.save()
+        every = cfg.logging.sample_every_steps
+        if (every and step % every == 0) or last:
+            self.last_preview = write_preview(self)
+        if self.evaluator is not None and step % cfg.eval.every_steps == 0:
+            self.last_eval = self.evaluator.run(self)
+        return False
 
 
 def train(cfg, run_dir: str | None = None) -> TrainState:

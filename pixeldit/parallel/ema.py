@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import dcp_load, dcp_save
+from .torch_files import dcp_load, dcp_save
+from .torch_internals import shard, sharded_tensor
 
 
 @dataclass
@@ -59,7 +60,6 @@ class ShardedEMA:
     def sharded_state(self, rank: int) -> dict:
         """{name: 1-D ShardedTensor} for DCP; ranks that hold no slice of a name contribute nothing."""
         import torch.distributed as dist
-        from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 
         if not (dist.is_available() and dist.is_initialized()):
             # one process holds every parameter whole: plain flat tensors, same names and layout
@@ -69,9 +69,9 @@ class ShardedEMA:
         for fragment, shadow in zip(self.fragments, self.shadow):
             sizes[fragment.name] = _numel(fragment.shape)
             if shadow.numel() and (rank == 0 or not self.replicated):
-                meta = ShardMetadata([fragment.start], [shadow.numel()], f"rank:{rank}/{shadow.device}")
-                by_name.setdefault(fragment.name, []).append(Shard(shadow, meta))
-        return {name: ShardedTensor._init_from_local_shards(by_name.get(name, []), [size])
+                piece = shard(shadow, fragment.start, f"rank:{rank}/{shadow.device}")
+                by_name.setdefault(fragment.name, []).append(piece)
+        return {name: sharded_tensor(by_name.get(name, []), [size])
                 for name, size in sorted(sizes.items())}
 
     def save(self, path: str, rank: int):

@@ -21,21 +21,17 @@ file), `latest_complete` falls back to the newest complete checkpoint and logs w
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 
-import torch
 import torch.distributed as dist
 
 from .. import storage
 from ..errors import CheckpointError, CheckpointNotFound
+from .torch_files import load_torch, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -46,52 +42,12 @@ STEP_NAME = re.compile(r"step_\d{8}")
 META_KEYS = ("step", "world", "strategy", "state", "ema_updates", "model", "config")
 STATE_KEYS = ("step", "updates", "skipped", "consecutive_skips")
 
-# fsspec options (endpoint) per checkpoint root, set by the trainer: URLs below a registered root
-# open with them, anything else with the environment's (AWS_ENDPOINT_URL, credentials)
-_ROOT_OPTIONS: dict[str, dict] = {}
-
-
-def register_root(root: str, options: dict | None):
-    if is_remote(root):
-        _ROOT_OPTIONS[root.rstrip("/")] = dict(options or {})
-
-
-def is_remote(url: str) -> bool:
-    return storage.protocol_of(url) != "file"
-
-
-def join(base: str, *parts: str) -> str:
-    return storage.join(base, *parts) if is_remote(base) else os.path.join(base, *parts)
-
-
-def storage_options(url: str) -> dict:
-    roots = [r for r in _ROOT_OPTIONS if url == r or url.startswith(r + "/")]
-    options = dict(_ROOT_OPTIONS[max(roots, key=len)]) if roots else {}
-    if storage.protocol_of(url) == "s3" and "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
-        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]  # as pixeldit.storage does, for DCP too
-    return options
-
-
-def _fs(url: str):
-    fs = storage.filesystem(url, storage_options(url))
-    # other ranks and processes write here too: a cached listing would hide their objects
-    fs.invalidate_cache()
-    return fs
-
-
-def exists(url: str) -> bool:
-    return os.path.exists(url) if not is_remote(url) else _fs(url).exists(url)
-
-
-def read_bytes(url: str) -> bytes | None:
-    try:
-        return storage.read_bytes(url, storage_options(url))
-    except FileNotFoundError:
-        return None
+join = storage.path_join
+exists = storage.exists_now
 
 
 def read_text(url: str) -> str | None:
-    data = read_bytes(url)
+    data = storage.read_bytes_if_present(url)
     if data is None:
         return None
     try:
@@ -102,93 +58,13 @@ def read_text(url: str) -> str | None:
 
 
 def write_text(url: str, text: str):
-    # all or nothing: one PUT on object storage, a temporary name and a rename locally
-    storage.write_bytes(url, text.encode(), storage_options(url))
-
-
-def save_torch(obj, url: str):
-    if not is_remote(url):
-        os.makedirs(os.path.dirname(url), exist_ok=True)
-        torch.save(obj, url)
-        return
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    storage.write_bytes(url, buffer.getvalue(), storage_options(url))
-
-
-def load_torch(url: str, **kwargs):
-    if not is_remote(url):
-        return torch.load(url, **kwargs)
-    return torch.load(io.BytesIO(storage.read_bytes(url, storage_options(url))), **kwargs)
+    storage.write_whole(url, text.encode())
 
 
 def remove(url: str):
     """Delete a checkpoint folder, its meta.json first: a folder half deleted must not look complete.
     A failure raises OSError (the caller decides whether it is fatal)."""
-    if not is_remote(url):
-        if not os.path.lexists(url):
-            return
-        try:
-            os.remove(os.path.join(url, META))
-        except FileNotFoundError:
-            pass
-        shutil.rmtree(url)
-        return
-    fs = _fs(url)
-    if fs.exists(join(url, META)):
-        fs.rm_file(join(url, META))
-    if fs.exists(url):
-        fs.rm(url, recursive=True)
-
-
-def dcp_save(state: dict, url: str):
-    import torch.distributed.checkpoint as dcp
-    if is_remote(url):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-        dcp.save(state, storage_writer=FsspecWriter(url, **storage_options(url)))
-    else:
-        dcp.save(state, checkpoint_id=url)
-
-
-def dcp_load(state: dict, url: str):
-    import torch.distributed.checkpoint as dcp
-    if is_remote(url):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-        dcp.load(state, storage_reader=FsspecReader(url, **storage_options(url)))
-    else:
-        dcp.load(state, checkpoint_id=url)
-
-
-@contextlib.contextmanager
-def local_folder(url: str, *, download: bool = False, upload: bool = False):
-    """A local folder standing in for `url`: `url` itself when local; otherwise a temporary copy
-    (downloaded first with `download`, uploaded afterwards with `upload`) for writers and readers
-    that only know local files (DeepSpeed). The copy lives under $TMPDIR and is removed after."""
-    if not is_remote(url):
-        if upload:
-            os.makedirs(url, exist_ok=True)
-        yield url
-        return
-    fs, base = _fs(url), storage.strip_protocol(url).rstrip("/")
-    stage = tempfile.mkdtemp(prefix="pixeldit-ckpt-")
-    local = os.path.join(stage, os.path.basename(base))  # its parent is ours: DeepSpeed writes beside it
-    os.makedirs(local)
-    try:
-        if download:
-            remote = fs.find(base)
-            if not remote:
-                raise FileNotFoundError(f"{url}: no objects")
-            files = [os.path.join(local, os.path.relpath(p, base)) for p in remote]
-            for folder in {os.path.dirname(f) for f in files}:
-                os.makedirs(folder, exist_ok=True)
-            # lists: fsspec transfers them concurrently (a universal checkpoint is thousands of small files)
-            storage.with_retries(url, lambda: fs.get(remote, files))
-        yield local
-        if upload:
-            files = [os.path.join(d, n) for d, _, names in os.walk(local) for n in names]
-            storage.with_retries(url, lambda: fs.put(files, [f"{base}/{os.path.relpath(f, local)}" for f in files]))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    storage.remove_tree(url, first=META)
 
 
 # ---------------------------------------------------------------- the checkpoint folder
@@ -207,20 +83,9 @@ def _first_rank() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _listing(path: str) -> set[str] | None:
-    """The names directly inside `path`, None when it is not there."""
-    if not is_remote(path):
-        return set(os.listdir(path)) if os.path.isdir(path) else None
-    fs = _fs(path)
-    try:
-        return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-    except FileNotFoundError:
-        return None
-
-
 def _step_folders(root: str) -> list[str]:
     """step_NNNNNNNN folders under `root`, oldest first (unfinished local `.tmp` saves excluded)."""
-    return sorted(n for n in _listing(root) or () if STEP_NAME.fullmatch(n))
+    return sorted(n for n in storage.list_names(root) or () if STEP_NAME.fullmatch(n))
 
 
 def inspect_checkpoint(path: str) -> tuple[dict | None, str | None]:
@@ -232,7 +97,7 @@ def inspect_checkpoint(path: str) -> tuple[dict | None, str | None]:
 def _inspect(path: str) -> tuple[dict | None, str | None, bool]:
     """inspect_checkpoint's answer, and whether the problem is a missing file (not a damaged one)."""
     file = join(path, META)
-    data = read_bytes(file)
+    data = storage.read_bytes_if_present(file)
     if data is None:
         return None, f"{file} is missing (an unfinished save or a half-deleted folder)", True
     if not data.strip():
@@ -254,7 +119,7 @@ def _inspect(path: str) -> tuple[dict | None, str | None, bool]:
     if missing or not isinstance(meta.get("world"), int) or meta["world"] < 1:
         return None, (f"{file} lacks {', '.join(missing) or 'a valid world'} (damaged, or not one of our "
                       f"checkpoints)"), False
-    present = _listing(path) or set()
+    present = storage.list_names(path) or set()
     parts = ["engine", "ema", *(f"rank_{r:05d}.pt" for r in range(meta["world"]))]
     absent = [p for p in parts if p not in present]
     if absent:
@@ -266,7 +131,7 @@ def _inspect(path: str) -> tuple[dict | None, str | None, bool]:
 def _pointer(root: str) -> tuple[str | None, str | None]:
     """(the step name `latest` holds, None) or (None, why it holds none); (None, None) without `latest`."""
     pointer = join(root, LATEST)
-    data = read_bytes(pointer)
+    data = storage.read_bytes_if_present(pointer)
     if data is None:
         return None, None
     try:
@@ -318,27 +183,28 @@ def latest_checkpoint(root: str) -> str | None:
     return found[0] if found else None
 
 
-def save_checkpoint(root: str, step: int, rank: int, *, strategy, ema, rank_state: dict, meta: dict,
+def save_checkpoint(root: str, step: int, rank: int, *, engine, ema, rank_state: dict, meta: dict,
                     keep_last: int) -> str:
-    """Collective: every rank calls it at the same step boundary."""
+    """Collective: every rank calls it at the same step boundary. `engine` is the strategy's
+    checkpoint state (checkpoint_state.py), `ema` the ShardedEMA."""
     final = step_dir(root, step)
-    work = final if is_remote(root) else final + ".tmp"
+    work = final if storage.is_remote(root) else final + ".tmp"
     if rank == 0:
         try:
             remove(work)  # a crashed save's leftovers (or, on object storage, this step's earlier save)
         except OSError as e:
             raise CheckpointError(f"cannot clear {work} before saving step {step}: {e}; free the "
                                   f"checkpoint folder (permissions, space) and resume") from e
-        if not is_remote(root):
+        if not storage.is_remote(root):
             os.makedirs(work)
     barrier()
-    strategy.save(join(work, "engine"))
+    engine.save(join(work, "engine"))
     ema.save(join(work, "ema"), rank)
     save_torch(rank_state, join(work, f"rank_{rank:05d}.pt"))
     barrier()
     if rank == 0:
         write_text(join(work, META), json.dumps(meta | {"saved_at": time.time()}, indent=1))
-        if not is_remote(root):
+        if not storage.is_remote(root):
             # a re-save of the same step (a run resumed from an earlier one): meta.json goes first,
             # so a crash inside this removal leaves a folder that does not look complete
             remove(final)
