@@ -279,7 +279,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pixeldit.evaluation.evaluate import run_evaluate_command
+    from pixeldit.jobs.evaluate import run_evaluate_command
     return run_evaluate_command(args)
 
 
@@ -390,7 +390,7 @@ def _add_export(verbs):
 def _add_sample_evaluate_repa_cache(verbs):
     """The verbs whose arguments live beside their jobs."""
     from pixeldit.jobs.repa_cache_arguments import add_repa_cache_arguments
-    from pixeldit.evaluation.evaluate_arguments import add_evaluate_arguments
+    from pixeldit.jobs.evaluate_arguments import add_evaluate_arguments
     from pixeldit.jobs.sample_arguments import add_sample_arguments
     sample = add_verb(verbs, "sample", help="sample images to an ADM .npz (one process or many under torchrun)")
     add_sample_arguments(sample)

@@ -1,4 +1,4 @@
-"""`pixeldit evaluate SAMPLES.npz --ref REF.npz`: Inception Score, FID, sFID, precision and recall.
+"""Inception Score, FID, sFID, precision and recall of an .npz of samples (the verb: jobs/evaluate.py).
 
 Inputs are the ADM evaluation suite's: samples `arr_0` uint8 (N, H, W, 3) (optional `arr_1`
 labels); a reference with `arr_0` images and/or precomputed `mu`, `sigma` (pool3) and `mu_s`,
@@ -23,7 +23,6 @@ or, to accumulate over batches (and ranks: all-reduce `count`, `total`, `outer` 
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 
@@ -208,26 +207,3 @@ def fid_from_uint8(images: torch.Tensor, ref_mu, ref_sigma, inception: FIDIncept
     for batch in images.split(batch_size):
         stats.update(batch)
     return stats.fid(ref_mu, ref_sigma, method)
-
-
-def _format(value, digits: int) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def run_evaluate_command(args) -> int:
-    result = evaluate_npz(args.samples, args.ref, args.inception, args.batch_size, args.device, args.frechet)
-    h, w = result["image_size"]
-    pr_note = "" if result["precision"] is not None else "  (needs more than 3 reference images)"
-    print(f"samples          {result['samples']}: {result['num_samples']} images {h}x{w}")
-    print(f"reference        {result['reference']}: {result['num_reference_images']} images; "
-          f"FID statistics: {result['fid_reference']}, sFID statistics: {result['sfid_reference']}")
-    print(f"Inception Score  {_format(result['inception_score'], 3)}  (splits: {result['inception_score_splits']})")
-    print(f"FID              {_format(result['fid'], 4)}")
-    print(f"sFID             {_format(result['sfid'], 4)}")
-    print(f"Precision        {_format(result['precision'], 4)}{pr_note}")
-    print(f"Recall           {_format(result['recall'], 4)}{pr_note}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-    return 0
