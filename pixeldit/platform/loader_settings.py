@@ -14,4 +14,4 @@ def loader_settings(cfg, per_rank: int) -> LoaderSettings:
         num_workers=data.num_workers, hflip=data.hflip, shuffle_window=data.shuffle_window,
         endpoint_url=data.endpoint_url, retries=data.retries, io_timeout_s=data.io_timeout_s,
         max_skipped_fraction=data.max_skipped_fraction,
-        features=cfg.repa.features if cfg.repa.mode == "cached" else None, encoder_dim=cfg.repa.encoder_dim)
+        features=cfg.repa.features if cfg.repa.kind().reads_features else None, encoder_dim=cfg.repa.encoder_dim)

@@ -32,7 +32,7 @@ from ..parallel.checkpoint import join, latest_checkpoint, load_rank_state, read
 from ..parallel.ema import ShardedEMA
 from ..parallel.torch_internals import cpu_has_native_bf16
 from .monitor import Monitor, MonitorSpec
-from .preview import write_preview
+from .preview import preview_spec, write_preview
 from .schedule import StagedSchedule
 from .trackers import build_trackers, tracker_names
 
@@ -132,7 +132,9 @@ class Trainer:
             cfg.data.source = ensure_synthetic_data(cfg, self.run_dir, self.rank)
 
         from ..data_pipelines.loader import build_loader
-        self.loader = build_loader(cfg, self.rank, self.world, str(self.device), run_dir=self.run_dir)
+        from .loader_settings import loader_settings
+        self.loader = build_loader(loader_settings(cfg, self.layout.per_rank), self.rank, self.world,
+                                   str(self.device), run_dir=self.run_dir)
         arch = cfg.model.arch()
         self.arch = arch
         model = build_model(cfg.model.name, **cfg.model.overrides())
@@ -161,8 +163,8 @@ class Trainer:
         self.last_eval: dict | None = None
         self.evaluator = None
         if cfg.eval.every_steps:
-            from .eval_loop import InLoopEvaluator
-            self.evaluator = InLoopEvaluator(cfg, self.device, self.rank)
+            from .eval_loop import InLoopEvaluator, eval_spec
+            self.evaluator = InLoopEvaluator(eval_spec(cfg), arch, self.device, self.rank, self.world)
         self.monitor = Monitor(MonitorSpec(
             total_steps=cfg.train.steps, log_every=cfg.logging.every_steps, peak_tflops=cfg.logging.peak_tflops,
             flops_per_image=training_flops(arch, cfg.data.image_size, cfg.data.image_size),
@@ -419,9 +421,10 @@ class Trainer:
             self.save()
         every = cfg.logging.sample_every_steps
         if (every and step % every == 0) or last:
-            self.last_preview = write_preview(self)
+            self.last_preview = write_preview(preview_spec(cfg, self.run_dir, self.arch, self.device, self.rank),
+                                              self.ema, step, self.monitor)
         if self.evaluator is not None and step % cfg.eval.every_steps == 0:
-            self.last_eval = self.evaluator.run(self)
+            self.last_eval = self.evaluator.run(self.ema, step, self.monitor)
         return False
 
 
