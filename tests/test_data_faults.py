@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader, join_all
+from pixeldit.data_pipelines.lanes import LoaderSpec
+from pixeldit.data_pipelines.loader import ShardLoader, join_all
 from pixeldit.data_pipelines.manifest import load_manifest, save_manifest
 from pixeldit.data_pipelines.source import EpochPlan, Split
 from pixeldit.data_pipelines.tario import ShardWriter, intact_samples, iter_samples, parse_index

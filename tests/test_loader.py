@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixeldit.data_pipelines.loader import BatchBuffers, LoaderSpec, ShardLoader, to_model_input
+from pixeldit.data_pipelines.lanes import LoaderSpec
+from pixeldit.data_pipelines.loader import BatchBuffers, ShardLoader, to_model_input
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.data_pipelines.source import EpochPlan, Split
 from pixeldit.platform.config import load_config

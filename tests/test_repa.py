@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from pixeldit.cli import main
 from pixeldit.data_pipelines.features import decode, load_feature_manifest, mirror_grid
-from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader
+from pixeldit.data_pipelines.lanes import LoaderSpec
+from pixeldit.data_pipelines.loader import ShardLoader
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.data_pipelines.source import Split
 from pixeldit.storage import filesystem, join, strip_protocol

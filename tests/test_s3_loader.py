@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from pixeldit.data_pipelines.loader import LoaderSpec, ShardLoader
+from pixeldit.data_pipelines.lanes import LoaderSpec
+from pixeldit.data_pipelines.loader import ShardLoader
 from pixeldit.data_pipelines.manifest import load_manifest
 from pixeldit.data_pipelines.source import Split
 from pixeldit.storage import StorageTimeout
