@@ -29,9 +29,9 @@ def main():
     import boto3
     import s3fs
 
-    from pixeldit.data_pipelines.loader import LoaderSpec, lane_batches
+    from pixeldit.data_pipelines.lanes import LoaderSpec, rank_groups
     from pixeldit.data_pipelines.manifest import ImagePolicy, load_manifest
-    from pixeldit.data_pipelines.source import Split, interleave, lane_position
+    from pixeldit.data_pipelines.source import Split
     from pixeldit.data_pipelines.writer import list_image_folder, write_shards
     from tests.photos import make_photo_folder
     from tests.s3_server import moto_server
@@ -56,9 +56,7 @@ def main():
 
         def ours():
             spec = LoaderSpec(manifest, url, 256, 20, 0, Split(1, 0, args.lanes, 20), 512, False, options)
-            lanes = [lane_batches(spec, 0, lane, lane_position(0, args.lanes, lane), decode=False)
-                     for lane in range(args.lanes)]
-            return sum(len(g) for g, _ in interleave(lanes))
+            return sum(len(g) for g, _ in rank_groups(spec, 0, 0))
 
         rows = {"plain s3fs cat": [], "ours (plan + stream + parse)": []}
         for _ in range(args.repeat):
