@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from pixeldit.models import build_model
-from pixeldit.models.layers import apply_rope, pixel_sincos_embedding, rope_angles, timestep_frequencies
+from pixeldit.models.layers import PositionTables, apply_rope, pixel_sincos_embedding, rope_angles, timestep_frequencies
 
 
 # =============================================================== reference (spec only)
@@ -350,10 +350,9 @@ def test_rope_angles_hand_computed():
 
 def test_rope_rotation_hand_computed():
     phi = 0.7
-    cos = torch.tensor([[math.cos(phi), 1.0]])
-    sin = torch.tensor([[math.sin(phi), 0.0]])
+    rotation = torch.tensor([[[math.cos(phi), math.sin(phi)], [1.0, 0.0]]])  # (L=1, d/2, [cos, sin])
     v = torch.tensor([[[[2.0, 3.0, 5.0, 7.0]]]])  # (B, heads, L=1, d=4)
-    out = apply_rope(v, cos, sin)[0, 0, 0]
+    out = apply_rope(v, rotation)[0, 0, 0]
     c, s = math.cos(phi), math.sin(phi)
     expected = torch.tensor([2 * c - 3 * s, 2 * s + 3 * c, 5.0, 7.0])
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
@@ -468,3 +467,13 @@ def test_unknown_model_and_override_raise():
         build_model("pixeldit-huge")
     with pytest.raises(ValueError, match="no_such_field"):
         build_model("pixeldit-tiny", no_such_field=3)
+
+
+def test_rope_compiled_form_equals_eager_form(monkeypatch):
+    # inductor gets the real-arithmetic form (no complex code generation); eager gets the complex one
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64).float()
+    rotation = PositionTables().rope(8, 1, 5, torch.device("cpu"))
+    eager = apply_rope(x, rotation)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(apply_rope(x, rotation), eager, rtol=1e-6, atol=1e-6)
+    assert (eager - x).abs().max() > 0.1  # it rotated something

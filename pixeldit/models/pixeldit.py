@@ -24,6 +24,7 @@ from .layers import (
     RMSNorm,
     SwiGLU,
     TimestepEmbedder,
+    gated,
     modulate,
     swiglu_hidden,
 )
@@ -108,8 +109,8 @@ class PatchBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1))
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = gated(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope))
+        return gated(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class PiTBlock(nn.Module):
@@ -154,8 +155,8 @@ class PiTBlock(nn.Module):
         if self.post_modulation:
             x = x + attn_out * (1 + scale1) + shift1
             return x + self.mlp(self.norm2(x)) * (1 + scale2) + shift2
-        x = x + gate_msa * attn_out
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = gated(x, gate_msa, attn_out)
+        return gated(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
