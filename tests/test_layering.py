@@ -22,7 +22,7 @@ FLOORS = {
     "pixeldit.parallel": 3,
     "pixeldit.data_pipelines": 2, "pixeldit.evaluation": 2,
     "pixeldit.models": 1, "pixeldit.diffusion": 1, "pixeldit.distributed": 1, "pixeldit.storage": 1,
-    "pixeldit.errors": 1, "pixeldit": 1,
+    "pixeldit.errors": 1, "pixeldit.host": 1, "pixeldit": 1,  # the last: pixeldit/__init__.py, and any new module
 }
 # models are plain nn.Modules: of the project they see only themselves and the error types
 MODELS, MODELS_MAY_IMPORT = "pixeldit.models", ("pixeldit.models", "pixeldit.errors")
