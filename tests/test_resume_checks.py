@@ -295,7 +295,7 @@ class Killed(BaseException):
 
 def _failing_rmtree(monkeypatch, victim: str, error: BaseException):
     """shutil.rmtree fails on the folder named `victim`, after remove() has deleted its meta.json."""
-    from pixeldit.platform import checkpoint
+    from pixeldit import storage
     real = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):
@@ -303,7 +303,7 @@ def _failing_rmtree(monkeypatch, victim: str, error: BaseException):
             assert not os.path.exists(os.path.join(path, "meta.json")), "the commit marker must go first"
             raise error
         return real(path, *args, **kwargs)
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(storage.shutil, "rmtree", rmtree)
 
 
 def _prune_config(data, steps):

@@ -51,10 +51,13 @@ class TrainState:
 
 def setup_distributed(cfg) -> tuple[int, int, torch.device]:
     from ..distributed import join_process_group
+    from ..host import prepare_host
 
     cuda = torch.cuda.is_available()
     rank, world, local_rank, _ = join_process_group(cuda, cfg.distributed.backend, cfg.distributed.timeout_s)
-    return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    prepare_host(device)
+    return rank, world, device
 
 
 def ensure_synthetic_data(cfg, run_dir: str, rank: int) -> str:
@@ -135,22 +138,8 @@ class Trainer:
         from .loader_settings import loader_settings
         self.loader = build_loader(loader_settings(cfg, self.layout.per_rank), self.rank, self.world,
                                    str(self.device), run_dir=self.run_dir)
-        arch = cfg.model.arch()
-        self.arch = arch
-        model = build_model(cfg.model.name, **cfg.model.overrides())
-        self.repa = cfg.repa.kind()
-        projector = self.repa.build_projector(arch.hidden_size, cfg.repa.encoder_dim)
-        # counted before a strategy shards them (ZeRO-3 and FSDP leave each rank a part)
-        self.parameter_count = sum(p.numel() for p in model.parameters())
-        self.projector_parameter_count = sum(p.numel() for p in projector.parameters()) if projector else 0
-        self.repa.start(cfg.repa, cfg.data.image_size, arch.patch_size, self.device,
-                        cfg.distributed.precision == "bf16")
-        if cfg.train.init_from:
-            load_initial_weights(model, cfg.train.init_from)
-        self.strategy = build_strategy(TrainModule(model, projector, cfg.repa.block), cfg.parallel_spec(self.world),
-                                       self.device)
-        self.ema = ShardedEMA(self.strategy.checkpoint.fragments(), cfg.ema.decay, cfg.ema.warmup,
-                              replicated=self.strategy.checkpoint.replicated)
+        arch = self.arch = cfg.model.arch()
+        self.strategy, self.ema = self._build_engine()
         self.flow = RectifiedFlow.from_config(cfg.diffusion, arch.num_classes)
         self.schedule = StagedSchedule.from_config(cfg.schedule)
         self.state = TrainState()
@@ -170,6 +159,25 @@ class Trainer:
             flops_per_image=training_flops(arch, cfg.data.image_size, cfg.data.image_size),
             config_yaml=cfg.to_yaml()), self.run_dir, self.rank, self.world, self.device,
             open_trackers=lambda: build_trackers(cfg, self.run_dir))
+
+    def _build_engine(self):
+        """The model (and REPA's projector) under the configured strategy, and the EMA of its masters."""
+        cfg = self.cfg
+        model = build_model(cfg.model.name, **cfg.model.overrides())
+        self.repa = cfg.repa.kind()
+        projector = self.repa.build_projector(self.arch.hidden_size, cfg.repa.encoder_dim)
+        # counted before a strategy shards them (ZeRO-3 and FSDP leave each rank a part)
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.projector_parameter_count = sum(p.numel() for p in projector.parameters()) if projector else 0
+        self.repa.start(cfg.repa, cfg.data.image_size, self.arch.patch_size, self.device,
+                        cfg.distributed.precision == "bf16")
+        if cfg.train.init_from:
+            load_initial_weights(model, cfg.train.init_from)
+        strategy = build_strategy(TrainModule(model, projector, cfg.repa.block), cfg.parallel_spec(self.world),
+                                  self.device)
+        ema = ShardedEMA(strategy.checkpoint.fragments(), cfg.ema.decay, cfg.ema.warmup,
+                         replicated=strategy.checkpoint.replicated)
+        return strategy, ema
 
     # ------------------------------------------------------------ resume
 
