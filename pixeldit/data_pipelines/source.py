@@ -320,7 +320,8 @@ def iter_lane(plan: EpochPlan, reader: ShardReader, lane: int, window: int,
         if hi <= start_sample:
             continue
         chunk = seq[lo:hi]
-        wanted = set(chunk.tolist())
+        members = chunk.tolist()  # Python ints: indexing the array would make a numpy scalar per sample
+        wanted = set(members)
         got: dict[int, RawSample] = {}
         for shard, first, stop in _runs(plan, chunk):
             base = int(plan.shard_offsets[shard])
@@ -328,8 +329,8 @@ def iter_lane(plan: EpochPlan, reader: ShardReader, lane: int, window: int,
                 if base + member in wanted:
                     got[base + member] = RawSample(base + member, key, files)
         order = window_order(plan.seed, plan.epoch, plan.split, lane, w, len(chunk))
-        for i in order[max(0, start_sample - lo):]:
-            yield got[int(chunk[i])]
+        for i in order[max(0, start_sample - lo):].tolist():
+            yield got[members[i]]
 
 
 def _runs(plan: EpochPlan, chunk: np.ndarray) -> list[tuple[int, int, int]]:
