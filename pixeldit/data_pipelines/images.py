@@ -67,13 +67,29 @@ def adm_geometry(width: int, height: int, size: int) -> tuple[tuple[int, int], t
     return (width, height), ((width - size) // 2, (height - size) // 2)
 
 
-def decode_into(data: bytes, out: np.ndarray, crop: bool) -> None:
-    """Decode into `out`, (S, S, 3) uint8 in pixel order: the image's slot in its batch.
+_PIXEL = np.dtype("V3")  # one RGB pixel as a single element
+
+
+def mirror(out: np.ndarray) -> None:
+    """Flip (S, S, 3) uint8 pixels left-right in place.
+
+    Moved as 3-byte elements: numpy reverses a (S, S, 3) byte view three bytes at a time, at
+    361 µs a 256² image, as much as decoding it (measured); whole pixels take half of that.
+    """
+    pixels = out.view(_PIXEL)[..., 0]
+    pixels[...] = pixels[:, ::-1].copy()  # the copy: source and destination overlap
+
+
+def decode_into(data: bytes, out: np.ndarray, crop: bool, flip: bool = False) -> None:
+    """Decode into `out`, (S, S, 3) uint8 in pixel order: the image's slot in its batch, mirrored
+    left-right where `flip` says.
 
     YCbCr and grayscale JPEGs (ImageNet's photos, and everything the shard writer re-encodes) go
     through simplejpeg's libjpeg-turbo: the same pixels as Pillow's, ~10% less CPU, and a
     pre-cropped image is written straight into its slot, without a decoder-owned copy to batch.
-    Anything else (CMYK, PNG, WebP...) goes through Pillow, which also names what is wrong.
+    Anything else (CMYK, PNG, WebP...) goes through Pillow, which also names what is wrong. An
+    image that passes through Pillow is mirrored there (4-byte pixels, a plain C loop: 5-10x
+    cheaper than mirroring the slot).
     """
     size = out.shape[0]
     img = None
@@ -83,6 +99,8 @@ def decode_into(data: bytes, out: np.ndarray, crop: bool) -> None:
             if colorspace in ("YCbCr", "Gray") and height * width <= Image.MAX_IMAGE_PIXELS:
                 if not crop and (height, width) == (size, size):
                     simplejpeg.decode_jpeg(data, "RGB", buffer=out)
+                    if flip:
+                        mirror(out)
                     return
                 img = Image.fromarray(simplejpeg.decode_jpeg(data, "RGB"))
         except ValueError:
@@ -91,6 +109,8 @@ def decode_into(data: bytes, out: np.ndarray, crop: bool) -> None:
         img = decode_rgb(data)
     if crop or img.size != (size, size):
         img = adm_center_crop(img, size)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     out[...] = np.asarray(img)
 
 
@@ -103,12 +123,10 @@ def decode_batch(datas: Sequence[bytes], out: np.ndarray, crop: bool, flips: Seq
     failures, slot = {}, 0
     for index, (data, flip) in enumerate(zip(datas, flips)):
         try:
-            decode_into(data, out[slot], crop)
+            decode_into(data, out[slot], crop, flip)
         except Exception as e:  # noqa: BLE001 - a corrupt image must not stop the run
             failures[index] = f"{type(e).__name__}: {e}"
             continue
-        if flip:
-            out[slot] = out[slot, :, ::-1]  # numpy buffers the overlapping read
         slot += 1
     return failures
 
