@@ -472,7 +472,7 @@ def test_unknown_model_and_override_raise():
 def test_rope_compiled_form_equals_eager_form(monkeypatch):
     # inductor gets the real-arithmetic form (no complex code generation); eager gets the complex one
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64).float()
-    rotation = PositionTables().rope(8, 1, 5, torch.device("cpu"))
+    rotation = PositionTables().rope(8, 1, 5, torch.device("cpu")).rotation
     eager = apply_rope(x, rotation)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.testing.assert_close(apply_rope(x, rotation), eager, rtol=1e-6, atol=1e-6)

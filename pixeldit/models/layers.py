@@ -144,6 +144,17 @@ def pixel_sincos_embedding(dim: int, height: int, width: int) -> torch.Tensor:
     return torch.cat([encode(cols), encode(rows)], dim=-1).float()
 
 
+class RopeTable:
+    """The (L, head_dim/2, 2) [cos, sin] rotation table, in a plain object rather than as a tensor
+    argument: FSDP casts the floating-point tensors among a wrapped block's inputs to its compute
+    dtype, and a table rounded to bf16 would blur the positions it encodes."""
+
+    __slots__ = ("rotation",)
+
+    def __init__(self, rotation: torch.Tensor):
+        self.rotation = rotation
+
+
 class PositionTables:
     """Per-(kind, grid, device) cache of position tables, shared by every block.
 
@@ -158,7 +169,7 @@ class PositionTables:
         key = ("rope", head_dim, grid_h, grid_w, device)
         if key not in self._tables:
             angles = rope_angles(head_dim, grid_h, grid_w)
-            self._tables[key] = (torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).to(device),)
+            self._tables[key] = (RopeTable(torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).to(device)),)
         return self._tables[key][0]
 
     def pixels(self, dim: int, height: int, width: int, device: torch.device):
@@ -184,12 +195,12 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        q = apply_rope(self.q_norm(q), rope)
-        k = apply_rope(self.k_norm(k), rope)
+        q = apply_rope(self.q_norm(q), rope.rotation)
+        k = apply_rope(self.k_norm(k), rope.rotation)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 

@@ -9,8 +9,10 @@ from .spec import ParallelSpec
 
 def build_optimizer(params, spec: ParallelSpec) -> torch.optim.Optimizer:
     o = spec.optimizer
+    # fused: one kernel per parameter for the whole update, 3-4x faster than foreach on a CPU
+    # (docs/benchmarks.md) and supported on CUDA and for FSDP2's DTensors; DeepSpeed gets the same
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                             foreach=True)
+                             fused=True)
 
 
 def deepspeed_config(spec: ParallelSpec) -> dict:
@@ -25,7 +27,7 @@ def deepspeed_config(spec: ParallelSpec) -> dict:
         "bf16": {"enabled": spec.bf16},
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-            "torch_adam": True, "adam_w_mode": True}},
+            "torch_adam": True, "adam_w_mode": True, "fused": True}},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }

@@ -59,8 +59,15 @@ class Step:
 
     def _clip(self, clip: float) -> float:
         params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        # torch's clip multiplies every gradient by min(1, clip / (norm + 1e-6)): below the clip by
+        # exactly 1.0, a pass over all gradients that changes no bit. Near or above the clip torch does
+        # its own arithmetic, so the result is clip_grad_norm_'s bit for bit; a non-finite norm skips
+        # the update anyway
+        if math.isfinite(value) and value >= clip * (1 - 1e-3):
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+        return value
 
 
 class DDPStep(Step):
