@@ -44,7 +44,7 @@ def _worker(rank, world, port, args, strategy, data, out):
         start = time.perf_counter()
         trainer.train_step(batch)
         times.append(time.perf_counter() - start)
-    fragments = sum(f.master.numel() for f in trainer.strategy.fragments())
+    fragments = sum(f.master.numel() for f in trainer.strategy.checkpoint.fragments())
     total = sum(p.numel() for p in trainer.strategy.module.parameters()) if strategy == "ddp" else None
     out.put((rank, {"step_s": sorted(times[args.warmup:])[len(times[args.warmup:]) // 2],
                     "state_bytes": 4 * 4 * fragments, "params": total}))
