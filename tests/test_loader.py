@@ -436,5 +436,8 @@ def test_every_kind_of_jpeg_decodes_to_pillows_pixels():
         if crop or expected.size != (48, 48):
             expected = images.adm_center_crop(expected, 48)
         assert np.array_equal(slot, np.asarray(expected)), name
+        # data.hflip mirrors inside the decode (Pillow's transpose, or whole pixels in the slot)
+        images.decode_into(data, slot, crop, flip=True)
+        assert np.array_equal(slot, np.asarray(expected)[:, ::-1]), f"{name}, mirrored"
         with pytest.raises((OSError, ValueError)):  # cut short: neither decoder may hand out a half image
             images.decode_into(data[: len(data) // 2], slot, crop)
