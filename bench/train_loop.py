@@ -64,6 +64,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"])
     ap.add_argument("--steps", type=int, default=4, help="timed steps per arm per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the trainer's: per run)")
+    ap.add_argument("--model-warmup", type=int, default=None,
+                    help="untimed steps of the model worker before its first block (default: --warmup); "
+                         "its first blocks measured slower than later ones in some runs")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="time the trainer's pieces instead of the A/B")
     ap.add_argument("--work", type=Path, default=None, help="folder for the run directories (default: a temp one)")
@@ -127,7 +130,7 @@ class ModelArm:
     def __init__(self, args, dtype: str):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--model-worker", "--dtype", dtype,
                "--model", args.model, "--resolution", str(args.resolution), "--batch", str(args.batch),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup if args.model_warmup is None else args.model_warmup)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._answer()
