@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .torch_files import dcp_load, dcp_save
-from .torch_internals import shard, sharded_tensor
+from .torch_internals import foreach_lerp_, shard, sharded_tensor
 
 
 @dataclass
@@ -49,7 +49,7 @@ class ShardedEMA:
     def update(self):
         weight = 1.0 - self.decay_at(self.updates)
         if self.shadow:
-            torch._foreach_lerp_(self.shadow, [f.master.detach().float() for f in self.fragments], weight)
+            foreach_lerp_(self.shadow, [f.master.detach().float() for f in self.fragments], weight)
         self.updates += 1
 
     def local_bytes(self) -> int:

@@ -45,3 +45,9 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (avx512_bf16 or AMX); torch answers only
     through these private helpers."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def foreach_lerp_(targets: list[torch.Tensor], ends: list[torch.Tensor], weight: float):
+    """targets += weight·(ends − targets), all tensors in one call: the EMA update. torch has no public
+    multi-tensor lerp; a Python loop of torch.lerp_ costs one dispatch per parameter."""
+    torch._foreach_lerp_(targets, ends, weight)
