@@ -257,7 +257,7 @@ def main() -> None:
         summary = {r["dtype"]: {"step_s": r["step_s"]} for r in results}
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "cpu": cpu_model(), "results": results,
-                                               "summary": summary}, indent=2))
+                                               "summary": summary}, indent=2, default=str))
 
 
 if __name__ == "__main__":
