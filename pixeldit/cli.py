@@ -11,6 +11,8 @@ import itertools
 import os
 import sys
 
+from pixeldit.jobs.argument_types import positive_float, positive_int
+
 
 def _add_config_args(parser: argparse.ArgumentParser):
     parser.add_argument("--config", default=None,
@@ -69,19 +71,6 @@ def cmd_config(args) -> int:
         print(text, end="")
     return 0
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive number")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -409,19 +398,19 @@ def _add_plan(verbs):
     plan = add_verb(verbs, "plan", help="memory per rank, micro batch, time, cost, checkpoint and data rates "
                                          "of a config on N GPUs, per strategy (docs/planning.md)")
     _add_config_args(plan)
-    plan.add_argument("--gpus", type=_positive_int, required=True, help="GPUs (ranks) in the run")
+    plan.add_argument("--gpus", type=positive_int, required=True, help="GPUs (ranks) in the run")
     plan.add_argument("--gpu", default=None, help="a100-40gb | a100-80gb (a100) | h100 | h200 | b200")
-    plan.add_argument("--tflops", type=_positive_float, default=None,
+    plan.add_argument("--tflops", type=positive_float, default=None,
                       help="peak dense bf16 TFLOP/s per GPU (another GPU kind, or overriding --gpu's)")
-    plan.add_argument("--memory-gb", type=_positive_float, default=None, help="memory per GPU in GB")
-    plan.add_argument("--internode-gbps", type=_positive_float, default=None,
+    plan.add_argument("--memory-gb", type=positive_float, default=None, help="memory per GPU in GB")
+    plan.add_argument("--internode-gbps", type=positive_float, default=None,
                       help="network bandwidth per GPU between nodes in GB/s (default: the kind's, 50 on H100/H200)")
-    plan.add_argument("--gpus-per-node", type=_positive_int, default=None,
+    plan.add_argument("--gpus-per-node", type=positive_int, default=None,
                       help="GPUs sharing one NVLink domain (default 8); past it rings run over the network")
     plan.add_argument("--mfu", type=_fraction, default=None,
                       help="model FLOPs utilisation assumed for the step time (default 0.40, printed)")
-    plan.add_argument("--price-per-gpu-hour", type=_positive_float, default=None, help="for the run's cost")
-    plan.add_argument("--storage-gbps", type=_positive_float, default=None,
+    plan.add_argument("--price-per-gpu-hour", type=positive_float, default=None, help="for the run's cost")
+    plan.add_argument("--storage-gbps", type=positive_float, default=None,
                       help="checkpoint write bandwidth in GB/s (default 1.0, printed)")
     plan.add_argument("--json", action="store_true", help="the plan as JSON")
     plan.set_defaults(func=cmd_plan)

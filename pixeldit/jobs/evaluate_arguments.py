@@ -5,14 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from .argument_types import positive_int
+
 INCEPTION_ENV = "PIXELDIT_INCEPTION"  # pixeldit.evaluation.inception.INCEPTION_ENV, without importing torch
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser):
@@ -27,7 +22,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser):
                         help="FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or "
                              "torch-fidelity's weights-inception-2015-12-05-6726825d.pth, a path or an https URL "
                              f"(default: ${INCEPTION_ENV})")
-    parser.add_argument("--batch-size", type=_positive, default=100, help="images per Inception batch")
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="images per Inception batch")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     parser.add_argument("--frechet", choices=["sqrtm", "eigh"], default="sqrtm",
                         help="matrix square root of the Fréchet distance: sqrtm (the ADM suite's, default) or "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .argument_types import positive_int
+
 SAMPLERS = ("ab2", "euler", "heun", "sde")  # pixeldit.diffusion.SAMPLERS, without importing torch
 
 
@@ -28,13 +30,6 @@ def parse_classes(text: str) -> list[int]:
     return classes
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
 def add_sample_arguments(parser: argparse.ArgumentParser):
     parser.description = (
         "Sample class-conditional images into an ADM-suite .npz (arr_0: uint8 N x H x W x 3 in image order, "
@@ -51,7 +46,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser):
                         help="EMA weights (default; what the paper's samples use) or the trained weights")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ab2",
                         help="ab2 (the authors' FlowDPMSolver, default), euler, heun (2N-1 evaluations), sde")
-    parser.add_argument("--steps", type=_positive, default=100, help="integration steps (paper: 100)")
+    parser.add_argument("--steps", type=positive_int, default=100, help="integration steps (paper: 100)")
     parser.add_argument("--cfg-scale", type=float, default=1.0,
                         help="classifier-free guidance weight w; 1 = no guidance (paper, 320 epochs: 2.75)")
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
@@ -64,9 +59,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser):
                         help="default: the training run's data.image_size (a run or an export), else 256")
     parser.add_argument("--classes", type=parse_classes, default=None, metavar="LIST",
                         help="comma list of classes and inclusive ranges, e.g. 0-9,207 (default: all)")
-    parser.add_argument("--per-class", type=_positive, default=50, help="images per class (paper: 50)")
+    parser.add_argument("--per-class", type=positive_int, default=50, help="images per class (paper: 50)")
     parser.add_argument("--seed", type=int, default=0, help="noise of image i comes from (seed, i)")
-    parser.add_argument("--batch-size", type=_positive, default=64,
+    parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="images per forward, per process (guided steps push twice as many)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the model (integration stays fp32)")
     parser.add_argument("--device", default=None,
