@@ -281,7 +281,7 @@ def cmd_plan(args) -> int:
     import json
 
     from pixeldit.platform.config import load_config
-    from pixeldit.platform.plan import PlanInputs, format_plan, make_plan, resolve_gpu
+    from pixeldit.jobs.plan import PlanInputs, format_plan, make_plan, resolve_gpu
 
     cfg = load_config(args.config, args.overrides)
     given = {"mfu": args.mfu, "price_per_gpu_hour": args.price_per_gpu_hour, "storage_gbps": args.storage_gbps}

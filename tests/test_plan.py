@@ -117,7 +117,7 @@ def measured(tmp_path_factory):
 @pytest.mark.parametrize("world", [1, 2])
 def test_planned_state_bytes_equal_the_counted_ones(measured, world):
     from pixeldit.platform.config import load_config
-    from pixeldit.platform.plan import parameter_shapes, state_bytes
+    from pixeldit.jobs.plan import parameter_shapes, state_bytes
 
     for name in STRATEGIES:
         shapes = parameter_shapes(load_config(None, _overrides(name, world)))
@@ -177,7 +177,7 @@ XL_GEOMETRY = ("pixeldit-xl", 256, {"patch_depth": 2, "pixel_depth": 1})
 @pytest.mark.parametrize("checkpointing", ["none", "every", "selective"])
 def test_planned_activations_are_within_15_percent_of_the_saved_tensors(model_name, size, arch, checkpointing):
     from pixeldit.models import resolve_arch
-    from pixeldit.platform.plan import activation_bytes_per_image
+    from pixeldit.jobs.plan import activation_bytes_per_image
 
     model_arch = resolve_arch(model_name, **arch)
     measured, batch = _saved_bytes(model_name, size, checkpointing, **arch)
@@ -191,7 +191,7 @@ def test_planned_activations_are_within_15_percent_of_the_saved_tensors(model_na
 def test_planned_bf16_activations_are_within_15_percent_with_bf16_weights(model_name, size, arch, checkpointing):
     # bf16 weights, as fsdp and ZeRO compute (ddp's autocast adds weight copies, planned separately)
     from pixeldit.models import resolve_arch
-    from pixeldit.platform.plan import activation_bytes_per_image
+    from pixeldit.jobs.plan import activation_bytes_per_image
 
     measured, batch = _saved_bytes(model_name, size, checkpointing, torch.bfloat16, **arch)
     planned = activation_bytes_per_image(resolve_arch(model_name, **arch), size, size, True, checkpointing,
@@ -312,7 +312,7 @@ def test_plan_counts_loader_batches_in_host_memory(capsys):
     import inspect
 
     from pixeldit.data_pipelines.loader import ShardLoader
-    from pixeldit.platform import plan as plan_module
+    from pixeldit.jobs import plan as plan_module
 
     assert plan_module.LOADER_PREFETCH == inspect.signature(ShardLoader).parameters["prefetch"].default
     pil = ["--set", "data.decoder=pil", "--set", "repa.mode=off", "--gpus", "8", "--gpu", "h200"]
@@ -335,7 +335,7 @@ def test_plan_gives_up_on_an_unreachable_manifest_quickly_and_says_so(capsys, mo
     import time
 
     from pixeldit.cli import main
-    from pixeldit.platform import plan as plan_module
+    from pixeldit.jobs import plan as plan_module
 
     # a storage endpoint that accepts connections and never answers, and a config that would wait 120 s for it
     silent = socket.socket()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..models.flops import forward_flops, training_flops
 from ..models.layers import swiglu_hidden
-from .batch_layout import batch_layout
+from ..platform.batch_layout import batch_layout
 from ..parallel.spec import STRATEGIES
 
 GB = 1e9
