@@ -7,6 +7,7 @@ Each verb parses its own arguments and imports its heavy modules lazily, so
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -164,9 +165,9 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _newest_saved_step(cfg, run_dir: str | None) -> int | None:
-    """The step of the run's newest complete checkpoint (every rank's files and the commit marker), None
-    when there is none yet."""
+def _newest_saved_step(cfg, run_dir: str | None) -> tuple[int, bool] | None:
+    """(step, whether a requested stop saved it) of the run's newest complete checkpoint (every rank's
+    files and the commit marker), None when there is none yet."""
     from pixeldit import storage
     from pixeldit.errors import CheckpointError
     from pixeldit.parallel import checkpoint
@@ -178,7 +179,7 @@ def _newest_saved_step(cfg, run_dir: str | None) -> int | None:
         found = checkpoint.latest_complete(root)
     except CheckpointError:  # a damaged run directory; the trainers' own output says what is wrong
         return None
-    return found[1]["step"] if found else None
+    return (found[1]["step"], bool(found[1].get("stop_save"))) if found else None
 
 
 def cmd_launch(args) -> int:
@@ -199,11 +200,10 @@ def cmd_launch(args) -> int:
     if args.print_only:
         return 0
     env = dict(os.environ, PIXELDIT_DEBUG="1") if debug_enabled(args) else None
-    # imported now, not at the Ctrl-C: reading the checkpoints then must take milliseconds, well before
-    # the trainers can have finished the step in flight and saved
-    from pixeldit.parallel import checkpoint  # noqa: F401
+    newest_saved = functools.partial(_newest_saved_step, cfg, train.run_dir)
+    saved_at_start = newest_saved()
     process = subprocess.Popen(cmd, env=env)
-    return _wait_for_training(process, args.launcher, lambda: _newest_saved_step(cfg, train.run_dir))
+    return _wait_for_training(process, args.launcher, newest_saved, saved_at_start)
 
 
 def _checked_launch(args):
@@ -225,18 +225,15 @@ def _checked_launch(args):
     return launch, train, cfg
 
 
-def _wait_for_training(process, launcher: str, newest_saved_step) -> int:
+def _wait_for_training(process, launcher: str, newest_saved_step, saved_at_start) -> int:
     """The launcher's exit code, or 0 when a Ctrl-C stopped a run whose every rank saved."""
     import signal
 
     from pixeldit import launchers
 
-    interrupts, unread = 0, object()
-    saved_at_interrupt = unread  # the newest complete checkpoint's step when the first Ctrl-C came
+    interrupts = 0
     while True:
         try:
-            if interrupts and saved_at_interrupt is unread:
-                saved_at_interrupt = newest_saved_step()
             code = process.wait()
             break
         except KeyboardInterrupt:
@@ -251,12 +248,12 @@ def _wait_for_training(process, launcher: str, newest_saved_step) -> int:
                 # Ctrl-C; the second aborts the workers, as it does a plain `pixeldit train`
                 for pid in launchers.child_pids(process.pid):
                     os.kill(pid, signal.SIGINT)
-    if code != 0 and interrupts and saved_at_interrupt is not unread:
+    if code != 0 and interrupts:
         # torchrun re-raises the stop signal after its workers have exited, so it ends with 1 even when
-        # every rank saved; a complete checkpoint newer than the one at the Ctrl-C is the stop's save
+        # every rank saved; a complete checkpoint of this launch that a stop saved is that save
         saved = newest_saved_step()
-        if saved is not None and saved != saved_at_interrupt:
-            print(f"pixeldit launch: stopped on Ctrl-C at step {saved}, every rank saved; the same command "
+        if saved is not None and saved != saved_at_start and saved[1]:
+            print(f"pixeldit launch: stopped on Ctrl-C at step {saved[0]}, every rank saved; the same command "
                   f"resumes from it", file=sys.stderr, flush=True)
             return 0
     return 128 - code if code < 0 else code

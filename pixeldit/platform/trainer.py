@@ -227,7 +227,9 @@ class Trainer:
                          self.state.step, steps, self.state.step)
         return True
 
-    def save(self) -> str:
+    def save(self, stop: bool = False) -> str:
+        """`stop`: the save of a requested stop, marked in meta.json so that `pixeldit launch` can tell
+        a stopped run (exit 0) from a failed one without racing the ranks' save."""
         from .resume_check import data_fingerprint
 
         s = self.state
@@ -236,7 +238,8 @@ class Trainer:
                           "consecutive_skips": s.consecutive_skips},
                 "ema_updates": self.ema.updates, "epoch": self.loader.epoch,
                 "model": {"name": self.cfg.model.name, **self.cfg.model.overrides()},
-                "config": self.cfg.to_dict(), "data_fingerprint": data_fingerprint(self.loader.spec.manifest)}
+                "config": self.cfg.to_dict(), "data_fingerprint": data_fingerprint(self.loader.spec.manifest),
+                "stop_save": stop}
         rank_state = {"loader": self.loader.state_dict(), "rng": _rng_state()}
         return save_checkpoint(self.checkpoint_root, s.step, self.rank, engine=self.strategy.checkpoint, ema=self.ema,
                                rank_state=rank_state, meta=meta, keep_last=self.cfg.checkpoint.keep_last)
@@ -269,8 +272,10 @@ class Trainer:
         # weighs what it holds, a stand-in nothing (its losses are sliced off, its gradients are zeros);
         # for a full one this is its mean, bit for bit
         nominal = self.layout.micro_batch
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        repa_sum = torch.zeros((), dtype=torch.float64)
+        # the sums stay on the device: reading one back after each micro-batch would stall a GPU's
+        # queue until that backward finished; the step reads them back once, after the all-reduce
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        repa_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, (micro, real) in enumerate(micros):
             x, y = to_model_input(micro, self.device)
             aligned = self.repa.targets(micro, x, self.device)
@@ -283,19 +288,20 @@ class Trainer:
                 if aligned is not None:
                     per_repa = repa_loss(projected, aligned)[:real]
                     total = per_sample + cfg.repa.weight * per_repa
-                    repa_sum += per_repa.detach().double().sum().cpu()
+                    repa_sum += per_repa.detach().double().sum()
                 self.strategy.backward(total.sum() / nominal / divisor)
-            loss_sum += per_sample.detach().double().sum().cpu()
-        finite = torch.isfinite(loss_sum) and torch.isfinite(repa_sum)
+            loss_sum += per_sample.detach().double().sum()
+        nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(repa_sum))
+        host = torch.tensor([float(len(batch["key"])), 1.0 if self.stop_requested else 0.0], dtype=torch.float64,
+                            device=self.device)
         # on the device: an NCCL process group has no CPU backend
-        flags = torch.tensor([loss_sum.item(), float(len(batch["key"])), 0.0 if finite else 1.0,
-                              1.0 if self.stop_requested else 0.0, repa_sum.item()], dtype=torch.float64,
-                             device=self.device)
+        flags = torch.cat([torch.stack([loss_sum, nonfinite.double(), repa_sum]), host])
         if dist.is_initialized():
             dist.all_reduce(flags)
-        loss = flags[0].item() / max(flags[1].item(), 1.0)
-        loss_repa = flags[4].item() / max(flags[1].item(), 1.0) if self.repa.has_loss else None
-        nonfinite, stop = flags[2].item() > 0, flags[3].item() > 0
+        loss_total, nonfinite_ranks, repa_total, samples, stopping = flags.tolist()  # the one read-back
+        loss = loss_total / max(samples, 1.0)
+        loss_repa = repa_total / max(samples, 1.0) if self.repa.has_loss else None
+        nonfinite, stop = nonfinite_ranks > 0, stopping > 0
         grad_norm, stepped = self.strategy.finish_step(skip=nonfinite)
         if stepped:
             self.ema.update()
@@ -306,7 +312,7 @@ class Trainer:
             s.consecutive_skips += 1
         s.step += 1
         return {"loss": loss, "loss_repa": loss_repa, "grad_norm": grad_norm, "lr": stage.lr, "clip": stage.clip, "stage": stage.index,
-                "stepped": stepped, "stop": stop, "samples": int(flags[1].item())}
+                "stepped": stepped, "stop": stop, "samples": int(samples)}
 
     # ------------------------------------------------------------ the loop
 
@@ -418,7 +424,7 @@ class Trainer:
                 f"{latest_checkpoint(self.checkpoint_root)}; lower the learning rate or the clip "
                 f"(schedule.stages), or use distributed.precision=fp32, then run again to resume from it")
         if metrics["stop"]:
-            self.save()
+            self.save(stop=True)
             self.stopped_by = self.stop_signal or "a stop signal on another rank"
             if self.rank == 0:
                 log.warning("stop requested (%s): saved step %d and exiting; the same command resumes "
