@@ -112,8 +112,15 @@ def _build_strategy(tree: Path, net, cfg, device):
 
 
 def worker(args) -> None:
-    """Build once, then for each line `N` on stdin run N steps and answer their seconds as JSON."""
+    """Build once, then for each line `N` on stdin run N steps and answer, as JSON, their seconds
+    and the process's CPU seconds over them (less sensitive than wall time to other jobs' load)."""
+    import resource
+
     import torch
+
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
 
     torch.set_num_threads(args.threads)
     step, _ = build_train_step(Path.cwd(), args.model, args.resolution, args.batch, args.dtype)
@@ -121,19 +128,19 @@ def worker(args) -> None:
         step()
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        times = []
+        times, cpu0 = [], cpu_seconds()
         for _ in range(int(line)):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-        print(json.dumps({"times": times}), flush=True)
+        print(json.dumps({"times": times, "cpu_s": cpu_seconds() - cpu0}), flush=True)
 
 
 class Arm:
     """A worker process of one tree for one dtype."""
 
     def __init__(self, name: str, tree: Path, args, dtype: str):
-        self.name, self.times, self.blocks = name, [], []
+        self.name, self.times = name, []
         cmd = [sys.executable, str(ROOT / "bench" / "model_step.py"), "--worker", "--model", args.model,
                "--resolution", str(args.resolution), "--batch", str(args.batch), "--dtype", dtype,
                "--warmup", str(args.warmup), "--threads", str(args.threads)]
@@ -147,13 +154,13 @@ class Arm:
             raise SystemExit(f"the {self.name} worker ended without answering (exit {self.proc.wait()})")
         return json.loads(line)
 
-    def run(self, steps: int) -> float:
+    def run(self, steps: int) -> dict:
+        """{"times": seconds of each step, "cpu_s": the worker's CPU seconds over them}."""
         self.proc.stdin.write(f"{steps}\n")
         self.proc.stdin.flush()
-        times = self._answer()["times"]
-        self.times += times
-        self.blocks.append(statistics.median(times))
-        return self.blocks[-1]
+        answer = self._answer()
+        self.times += answer["times"]
+        return answer
 
     def close(self):
         self.proc.stdin.close()
@@ -171,7 +178,7 @@ def ab_rows(args, old_tree: Path) -> list[dict]:
         try:
             for r in range(args.rounds):
                 order = ("old", "new") if r % 2 == 0 else ("new", "old")
-                block = {name: arms[name].run(args.steps) for name in order}
+                block = {name: statistics.median(arms[name].run(args.steps)["times"]) for name in order}
                 ratios.append(block["new"] / block["old"])
                 print(f"  {dtype} round {r}: old {block['old']:.3f} s  new {block['new']:.3f} s  "
                       f"new/old {ratios[-1]:.3f}", flush=True)

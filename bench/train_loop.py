@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-RECIPE = "configs/imagenet256/pixeldit_b.yaml"
+from model_step import RECIPE  # noqa: E402  (the same B recipe as the model arm)
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,7 +72,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=None, help="folder for the run directories (default: a temp one)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
     ap.add_argument("--profile-worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--model-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--arm", default="train", choices=["train", "model"], help=argparse.SUPPRESS)
     ap.add_argument("--host", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
@@ -101,54 +100,19 @@ def spread(xs: list[float]) -> str:
 
 # ------------------------------------------------------------------ the two arms
 
-def model_worker(args) -> None:
-    """bench/model_step.py's step, built and warmed up once; for each line `N` on stdin, N timed steps
-    answered as JSON (seconds each, CPU seconds per step)."""
-    import torch
+def model_arm(args, dtype: str):
+    """bench/model_step.py's step in its own worker process, started like the trainer (1 thread from
+    the start, nothing else in the process), so neither arm inherits the other's heap or threads."""
+    from model_step import Arm
 
-    from model_step import build_train_step
-
-    torch.set_num_threads(1)
-    step, _ = build_train_step(ROOT, args.model, args.resolution, args.batch, args.dtype)
-    for _ in range(args.warmup):
-        step()
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        times = []
-        cpu0 = cpu_seconds_self()
-        for _ in range(int(line)):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        print(json.dumps({"step_s": times, "cpu_s_per_step": (cpu_seconds_self() - cpu0) / len(times)}), flush=True)
+    settings = argparse.Namespace(model=args.model, resolution=args.resolution, batch=args.batch, threads=1,
+                                  warmup=args.warmup if args.model_warmup is None else args.model_warmup)
+    return Arm("model", ROOT, settings, dtype)
 
 
-class ModelArm:
-    """The model step in its own process, started like the trainer's (OMP_NUM_THREADS=1 from the
-    start, nothing else in the process), so neither arm inherits the other's heap or threads."""
-
-    def __init__(self, args, dtype: str):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--model-worker", "--dtype", dtype,
-               "--model", args.model, "--resolution", str(args.resolution), "--batch", str(args.batch),
-               "--warmup", str(args.warmup if args.model_warmup is None else args.model_warmup)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._answer()
-
-    def _answer(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"the model-step worker ended without answering (exit {self.proc.wait()})")
-        return json.loads(line)
-
-    def run(self, steps: int) -> dict:
-        self.proc.stdin.write(f"{steps}\n")
-        self.proc.stdin.flush()
-        return self._answer()
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=120)
+def model_block(arm, steps: int) -> dict:
+    answer = arm.run(steps)
+    return {"step_s": answer["times"], "cpu_s_per_step": answer["cpu_s"] / len(answer["times"])}
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -221,14 +185,14 @@ def ab(args, work: Path, cpu: str) -> dict:
     data = prepare_data(args, work)
     rows = {}
     for dtype in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
-        model = ModelArm(args, dtype)
+        model = model_arm(args, dtype)
         arms = {"model": [], "train": []}
         ratios, cpu_ratios = [], []
         for r in range(args.rounds):
             order = ("model", "train") if r % 2 == 0 else ("train", "model")
             block = {}
             for name in order:
-                block[name] = (model.run(args.steps) if name == "model"
+                block[name] = (model_block(model, args.steps) if name == "model"
                                else run_trainer(args, dtype, data, work / f"run_{dtype}_{r}"))
                 arms[name].append(block[name])
             m, t = statistics.median(block["model"]["step_s"]), statistics.median(block["train"]["step_s"])
@@ -428,8 +392,6 @@ def profile(args, work: Path, cpu: str) -> dict:
 
 def main() -> None:
     args = parse_args()
-    if args.model_worker:
-        return model_worker(args)
     if args.profile_worker:
         if args.arm == "model":
             return print(json.dumps(model_pieces(args)), flush=True)
