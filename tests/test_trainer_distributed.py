@@ -28,7 +28,9 @@ def _run(rank, world, data, root, plan):
     from pixeldit.platform.trainer import Trainer
 
     results = {}
+    held = _watch_the_masters()
     for name, strategy, precision, resume in plan:
+        held.clear()
         cfg = load_config(None, _overrides(data, strategy, STEPS, precision))
         trainer = Trainer(cfg, os.path.join(root, name))
         resume_from = os.path.join(root, resume, "checkpoints", f"step_{STEPS // 2:08d}") if resume else None
@@ -37,9 +39,36 @@ def _run(rank, world, data, root, plan):
         frags = [(f.name, f.start, shadow.clone()) for f, shadow in zip(trainer.ema.fragments, trainer.ema.shadow)]
         moments = _zero_moments(trainer) if strategy.startswith("zero") else None  # collective under zero3
         results[name] = {"losses": list(state.history), "weights": weights if rank == 0 else None, "ema": frags,
-                         "ema_bytes": trainer.ema.local_bytes(), "moments": moments if rank == 0 else None}
+                         "ema_bytes": trainer.ema.local_bytes(), "moments": moments if rank == 0 else None,
+                         "masters_held": list(held)}
         dist.barrier()
     return results
+
+
+def _watch_the_masters() -> list[bool]:
+    """The EMA update runs beside the next step: the masters must not change before it is done.
+    Each update is held until the trainer next waits for it (`settle`), so that an optimizer step
+    the trainer lets run before that wait (DeepSpeed's comes inside the last backward) would change
+    them under it. One entry per update: whether the masters stayed as they were."""
+    import time
+
+    from pixeldit.parallel import ema
+
+    held, lerp, settle, settles = [], ema._lerp, ema.ShardedEMA.settle, [0]
+
+    def counted_settle(self):
+        settles[0] += 1
+        settle(self)
+
+    def watched(shadow, masters, weight):
+        before, seen = [m.clone() for m in masters], settles[0]
+        deadline = time.monotonic() + 5  # bounds the rare wait for a settle that came before this line
+        while settles[0] == seen and time.monotonic() < deadline:
+            time.sleep(0.001)
+        lerp(shadow, masters, weight)
+        held.append(all(torch.equal(b, m) for b, m in zip(before, masters)))
+    ema._lerp, ema.ShardedEMA.settle = watched, counted_settle
+    return held
 
 
 def _zero_moments(trainer) -> dict:
@@ -95,6 +124,13 @@ def test_bf16_strategies_agree_within_the_measured_tolerance(runs):
         rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref))
         assert rel < 5e-4, (name, rel)
     assert max(abs(a - b) / abs(b) for a, b in zip(ref, fp32)) < 5e-4
+
+
+def test_no_optimizer_step_changes_the_masters_under_an_ema_update(runs):
+    for r in range(2):
+        for name, result in runs["ranks"][r].items():
+            expected = STEPS // 2 if name.endswith("_resumed") else STEPS
+            assert result["masters_held"] == [True] * expected, (r, name, result["masters_held"])
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])

@@ -10,10 +10,18 @@ update of 1e-4 of a weight is below bf16's resolution.
 On disk the EMA is a DCP checkpoint of 1-D ShardedTensors named after the
 parameters; each rank contributes its fragments. It therefore consolidates and
 reshards the same way whichever strategy or world size wrote it.
+
+On a CPU the update runs on a thread of its own while the trainer goes on with the next step's
+inputs and forward: it is a memory-bound pass over every master (PixelDiT-B: 185M fp32 values,
+0.10-0.16 s on one core), as much as 6% of a bf16 step where it ran inline. The masters may be
+read meanwhile (the forward reads them too) but not written: `settle()` waits for the update and
+must come before the optimizer changes them; anything that reads `shadow` waits by itself. On a
+GPU the update is queued on the current stream and the host does not wait for it anyway.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +44,22 @@ class ShardedEMA:
         # replicated (ddp): every rank holds the same whole tensors; rank 0 alone writes them
         self.replicated = replicated
         self.decay, self.warmup = decay, warmup
-        self.shadow = [f.master.detach().float().clone() for f in fragments]
+        self._shadow = [f.master.detach().float().clone() for f in fragments]
         self.updates = 0
+        self._pending: Future | None = None
+        self._worker: ThreadPoolExecutor | None = None  # started with the first update on a CPU
+
+    @property
+    def shadow(self) -> list[torch.Tensor]:
+        """The EMA tensors, with any update in flight finished."""
+        self.settle()
+        return self._shadow
+
+    def settle(self):
+        """Wait for the update in flight (and raise what it raised): before the masters change."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def decay_at(self, updates: int) -> float:
         """With warm-up, min(decay, (1 + n) / (10 + n)): an EMA that can leave its init in a short run."""
@@ -45,15 +67,23 @@ class ShardedEMA:
             return self.decay
         return min(self.decay, (1 + updates) / (10 + updates))
 
-    @torch.no_grad()
     def update(self):
+        """Move the EMA towards the masters as they are now; returns before it is done on a CPU."""
+        self.settle()
         weight = 1.0 - self.decay_at(self.updates)
-        if self.shadow:
-            foreach_lerp_(self.shadow, [f.master.detach().float() for f in self.fragments], weight)
         self.updates += 1
+        if not self._shadow:
+            return
+        masters = [f.master.detach().float() for f in self.fragments]
+        if self._shadow[0].device.type != "cpu":
+            _lerp(self._shadow, masters, weight)
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="pixeldit-ema")
+        self._pending = self._worker.submit(_lerp, self._shadow, masters, weight)
 
     def local_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.shadow)
+        return sum(t.numel() * t.element_size() for t in self._shadow)
 
     # ---------------------------------------------------------------- persistence
 
@@ -84,6 +114,11 @@ class ShardedEMA:
             dcp_load({f.name: shadow for f, shadow in zip(self.fragments, self.shadow)}, path)
         else:
             dcp_load(self.sharded_state(rank), path)  # the shards are views of self.shadow
+
+
+@torch.no_grad()  # grad mode is per thread: the worker's needs setting there
+def _lerp(shadow: list[torch.Tensor], masters: list[torch.Tensor], weight: float):
+    foreach_lerp_(shadow, masters, weight)
 
 
 def _numel(shape) -> int:

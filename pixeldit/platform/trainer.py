@@ -289,6 +289,10 @@ class Trainer:
                     per_repa = repa_loss(projected, aligned)[:real]
                     total = per_sample + cfg.repa.weight * per_repa
                     repa_sum += per_repa.detach().double().sum()
+                if i == len(micros) - 1:
+                    # the last step's EMA update ran beside this step so far; the masters change from
+                    # here on (DeepSpeed steps inside the last backward, the others in finish_step)
+                    self.ema.settle()
                 self.strategy.backward(total.sum() / nominal / divisor)
             loss_sum += per_sample.detach().double().sum()
         nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(repa_sum))
