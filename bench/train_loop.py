@@ -281,7 +281,8 @@ def profile_worker(args) -> None:
     trainer = Trainer(cfg, str(args.run_dir))
     pieces = Pieces()
     strategy_pieces(pieces, trainer.strategy)
-    pieces.wrap(trainer.ema, "update", "ema_update")
+    pieces.wrap(trainer.ema, "update", "ema_update")  # on a CPU: handing the update to its thread
+    pieces.wrap(trainer.ema, "settle", "ema_wait")  # what the step still waits for it, before the last backward
     pieces.wrap(trainer.monitor, "step", "monitor")
     pieces.wrap(trainer.flow, "draw", "draws")
     pieces.wrap(trainer.flow, "training_inputs", "inputs")
@@ -337,7 +338,7 @@ def model_pieces(args) -> list[dict]:
     return pieces.steps[args.warmup:]
 
 
-PIECES = ["loader_wait", "inputs", "draws", "begin_step", "forward", "backward", "finish_step", "ema_update",
+PIECES = ["loader_wait", "inputs", "draws", "begin_step", "forward", "backward", "finish_step", "ema_update", "ema_wait",
           "train_step_rest", "monitor", "after_step_rest", "total", "cpu", "minor_faults"]
 
 
@@ -346,7 +347,7 @@ def medians(steps: list[dict]) -> dict:
     for s in steps:
         if "train_step" in s:
             inside = sum(s.get(k, 0.0) for k in ("inputs", "draws", "begin_step", "forward", "backward",
-                                                  "finish_step", "ema_update"))
+                                                  "finish_step", "ema_update", "ema_wait"))
             s["train_step_rest"] = s["train_step"] - inside
             s["after_step_rest"] = s["after_step"] - s.get("monitor", 0.0)
     for key in PIECES:
