@@ -356,3 +356,28 @@ def test_plan_gives_up_on_an_unreachable_manifest_quickly_and_says_so(capsys, mo
     assert time.monotonic() - started < 20
     data = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data"))
     assert "assumed 110 kB per JPEG (no manifest read within 1 s: StorageTimeout)" in data
+
+
+def test_gpu_check_plans_each_train_variant_at_the_planners_largest_micro_batch():
+    """bench/gpu_check.py runs only on a lent GPU: its planning runs anywhere, against this tree's planner."""
+    import subprocess
+    import sys
+
+    from pixeldit.jobs.plan import PlanInputs, make_plan, resolve_gpu
+    from pixeldit.platform.config import load_config
+
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.py")
+    out = subprocess.run([sys.executable, script, "--plan-only", "--memory-gb", "80", "--tflops", "400"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert {(r["strategy"], r["activation_checkpointing"], r["compile"]) for r in rows} == {
+        (s, ac, c) for s in ("fsdp", "zero2") for ac in ("none", "every") for c in (False, True)}
+    for strategy in ("fsdp", "zero2"):
+        cfg = load_config(None, ["model.name=pixeldit-xl", "data.image_size=256", "model.num_classes=10",
+                                 "distributed.precision=bf16", f"distributed.strategy={strategy}"])
+        plan = make_plan(cfg, PlanInputs(1, resolve_gpu(None, 400, 80)), strategies=(strategy,))
+        for mode, fits in plan["strategies"][strategy]["activation_checkpointing"].items():
+            for row in rows:
+                if (row["strategy"], row["activation_checkpointing"]) == (strategy, mode):
+                    assert row["micro_batch"] == row["planned_max_micro_batch"] == fits["max_micro_batch_memory"] > 0
+                    assert row["planned_memory_gb"] <= 80
