@@ -1,12 +1,19 @@
 """The EMA update on a CPU runs beside the caller: same values as inline, readers and errors wait for it."""
 
+import os
 import threading
 
 import pytest
 import torch
 
 from pixeldit.parallel import ema as ema_module
-from pixeldit.parallel.ema import Fragment, ShardedEMA
+from pixeldit.parallel.ema import Fragment, ShardedEMA, a_core_is_free
+
+
+@pytest.fixture(autouse=True)
+def free_core(monkeypatch):
+    """The tests below take the beside-the-step path whatever this machine's core count."""
+    monkeypatch.setattr(ema_module, "a_core_is_free", lambda: True)
 
 
 def _ema(masters, decay=0.9, warmup=True):
@@ -65,3 +72,25 @@ def test_an_error_in_the_update_is_raised_to_the_next_caller(monkeypatch):
     with pytest.raises(RuntimeError, match="lerp failed"):
         ema.settle()
     ema.settle()  # reported once; the EMA is usable again
+
+
+def test_with_every_core_busy_the_update_is_done_when_it_returns(monkeypatch):
+    monkeypatch.setattr(ema_module, "a_core_is_free", lambda: False)
+    ema = _ema([torch.ones(4)], warmup=False)
+    ema._shadow[0].zero_()
+    ema.update()
+    assert ema._pending is None and ema._worker is None
+    assert torch.allclose(ema._shadow[0], torch.full((4,), 0.1))
+
+
+def test_a_core_is_free_compares_the_intra_op_threads_with_the_cores():
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        torch.set_num_threads(cores)
+        assert not a_core_is_free()
+        if cores > 1:
+            torch.set_num_threads(cores - 1)
+            assert a_core_is_free()
+    finally:
+        torch.set_num_threads(threads)

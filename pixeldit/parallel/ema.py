@@ -11,16 +11,20 @@ On disk the EMA is a DCP checkpoint of 1-D ShardedTensors named after the
 parameters; each rank contributes its fragments. It therefore consolidates and
 reshards the same way whichever strategy or world size wrote it.
 
-On a CPU the update runs on a thread of its own while the trainer goes on with the next step's
-inputs and forward: it is a memory-bound pass over every master (PixelDiT-B: 185M fp32 values,
-0.10-0.16 s on one core), as much as 6% of a bf16 step where it ran inline. The masters may be
-read meanwhile (the forward reads them too) but not written: `settle()` waits for the update and
-must come before the optimizer changes them; anything that reads `shadow` waits by itself. On a
-GPU the update is queued on the current stream and the host does not wait for it anyway.
+On a CPU whose step leaves a core free (fewer intra-op threads than cores, as under torchrun's
+one thread per process), the update runs on a thread of its own while the trainer goes on with
+the next step's inputs and forward: it is a memory-bound pass over every master (PixelDiT-B: 185M
+fp32 values, 0.10-0.16 s on one core), as much as 6% of a bf16 step where it ran inline. Where
+the step's threads take every core it stays inline: beside them it would only compete for the
+same cores. The masters may be read meanwhile (the forward reads them too) but not written:
+`settle()` waits for the update and must come before the optimizer changes them; anything that
+reads `shadow` waits by itself. On a GPU the update is queued on the current stream and the host
+does not wait for it anyway.
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -68,14 +72,14 @@ class ShardedEMA:
         return min(self.decay, (1 + updates) / (10 + updates))
 
     def update(self):
-        """Move the EMA towards the masters as they are now; returns before it is done on a CPU."""
+        """Move the EMA towards the masters as they are now; on a CPU with a free core, returns before it is done."""
         self.settle()
         weight = 1.0 - self.decay_at(self.updates)
         self.updates += 1
         if not self._shadow:
             return
         masters = [f.master.detach().float() for f in self.fragments]
-        if self._shadow[0].device.type != "cpu":
+        if self._shadow[0].device.type != "cpu" or not a_core_is_free():
             _lerp(self._shadow, masters, weight)
             return
         if self._worker is None:
@@ -114,6 +118,12 @@ class ShardedEMA:
             dcp_load({f.name: shadow for f, shadow in zip(self.fragments, self.shadow)}, path)
         else:
             dcp_load(self.sharded_state(rank), path)  # the shards are views of self.shadow
+
+
+def a_core_is_free() -> bool:
+    """Whether this process's intra-op threads leave one of the cores it may run on idle."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.get_num_threads() < cores
 
 
 @torch.no_grad()  # grad mode is per thread: the worker's needs setting there
