@@ -68,7 +68,7 @@ def cut(src, dst, shard: int, size: int) -> tuple[str, list[str]]:
     path = Path(dst, info.name)
     path.write_bytes(path.read_bytes()[:size])
     entries = parse_index(Path(dst, info.index).read_text(), "index")
-    return str(dst), [e.key for e in entries[intact_samples(entries, size):]]
+    return str(dst), entries.keys[intact_samples(entries, size):]
 
 
 def check_epoch(loader, reference: list[str], bad: dict[str, str]):
@@ -435,7 +435,7 @@ def test_a_cut_feature_shard_skips_its_samples_as_truncated(tmp_path):
     path = Path(features, info.name)
     path.write_bytes(path.read_bytes()[:info.bytes // 2])
     entries = parse_index(Path(features, info.index).read_text(), "index")
-    cut_keys = {e.key for e in entries[intact_samples(entries, info.bytes // 2):]} & set(reference)
+    cut_keys = set(entries.keys[intact_samples(entries, info.bytes // 2):]) & set(reference)
     assert cut_keys
     loader = lockstep()
     batches = list(loader)

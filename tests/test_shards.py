@@ -63,6 +63,27 @@ def test_index_is_byte_identical_to_dalis_own_tool(photo_shards, tmp_path):
         assert len(parse_index(ours, shard.index)) == shard.samples
 
 
+@pytest.mark.parametrize("members", [[{"jpg", "cls"}] * 3, [{"jpg", "cls"}, {"jpg", "cls", "txt"}, {"png"}]])
+def test_the_index_gives_every_members_place_as_the_writer_wrote_it(members):
+    """Lines that list the same members are parsed column by column, others line by line; both give
+    what the writer recorded."""
+    from pixeldit.data_pipelines.tario import ShardWriter, intact_samples
+    sink = io.BytesIO()
+    shard = ShardWriter(sink)
+    for i, exts in enumerate(members):
+        key = f"dir{i}/key_{i}"
+        shard.add(key, {ext: bytes([i]) * (100 + 37 * i) for ext in sorted(exts)})
+    size, _ = shard.close()
+    index = parse_index(shard.index_text(), "idx")
+    assert index.keys == [f"dir{i}/key_{i}" for i in range(len(members))]
+    for i, written in enumerate(shard.entries):
+        expected = [(ext, off, n, name.encode() + b"\0") for ext, off, n, name in written]
+        assert list(index.members(i)) == expected and index[i].members == tuple(expected)
+        assert index.offsets[i] == written[0][1] - 512
+    assert intact_samples(index, size) == len(members)
+    assert intact_samples(index, shard.entries[1][0][1] + 1) == 1
+
+
 def test_reader_slices_by_the_index_and_parses_headers_when_the_index_disagrees(synthetic_shards, tmp_path):
     import shutil
 

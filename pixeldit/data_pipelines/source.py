@@ -44,6 +44,7 @@ from ..storage import (STORAGE_EXCEPTIONS, CorruptContent, MappedFile, RangedFil
 from .tario import (
     CorruptHeader,
     DamagedSample,
+    ShardIndex,
     TruncatedSample,
     intact_samples,
     iter_members,
@@ -220,12 +221,12 @@ class ShardReader:
     def __init__(self, manifest: Manifest, root: str, options: dict | None = None):
         self.manifest, self.root, self.options = manifest, shard_root(root), options
         self.stats = ReadStats()
-        self._index: dict[int, list[tuple[int, int]]] = {}
+        self._index: dict[int, ShardIndex] = {}
 
     def url(self, shard: int) -> str:
         return shard_url(self.manifest, self.root, self.manifest.shards[shard].name)
 
-    def index(self, shard: int) -> list[tuple[int, int]]:
+    def index(self, shard: int) -> ShardIndex:
         if shard not in self._index:
             url = join(self.root, self.manifest.shards[shard].index)
             entries = parse_index(read_bytes(url, self.options, on_retry=self._count_retry).decode(), url)
@@ -251,23 +252,22 @@ class ShardReader:
                         io.BufferedReader(RangedFile(fs, url), CHUNK_BYTES) as f:
                     # a shard shorter than its manifest entry was cut (a partial upload, a full disk):
                     # the samples before the cut are delivered, those after it are content to skip
-                    size = len(f.view) if fs is None else f.raw.size
+                    size, mapped = (len(f.view), f.file) if fs is None else (f.raw.size, None)  # decode processes map it
                     intact = intact_samples(entries, size) if size < shard_end else len(entries)
                     if member < intact:
-                        f.seek(entries[member].offset)
+                        f.seek(entries.offsets[member])
                     while member < stop:
                         if member >= intact:
-                            yield member, entries[member].key, TruncatedSample(
+                            yield member, entries.keys[member], TruncatedSample(
                                 f"{url} ends at byte {size} of {shard_end}, inside this sample or before it")
                             member += 1
                             continue
                         # one read per chunk of whole samples, parsed from memory: per-member reads
                         # through fsspec cost more CPU than the parsing itself
-                        last = member + 1
-                        while last < min(stop, intact) and entries[last][0] - entries[member][0] < CHUNK_BYTES:
+                        base, last = entries.offsets[member], member + 1
+                        while last < min(stop, intact) and entries.offsets[last] - base < CHUNK_BYTES:
                             last += 1
-                        base = entries[member][0]
-                        end = min(entries[last][0] if last < len(entries) else shard_end, size)
+                        end = min(entries.offsets[last] if last < len(entries) else shard_end, size)
                         started = time.monotonic()
                         view = memoryview(read_exact(f, end - base, url))
                         retrying.succeeded()
@@ -276,16 +276,16 @@ class ShardReader:
                         while member < last:
                             # the index gives every member's offset and size: slice, checking only
                             # the name in each header; parse the headers if the index disagrees
-                            sliced = None if members else slice_sample(view, base, entries[member])
+                            sliced = None if members else slice_sample(view, base, entries, member, mapped)
                             if sliced is None:
                                 if members is None:
-                                    members = iter_members(io.BytesIO(view[entries[member][0] - base:]), url)
+                                    members = iter_members(io.BytesIO(view[entries.offsets[member] - base:]), url)
                                 try:
                                     sliced = read_sample(members, len(entries[member].members), url)
                                 except CorruptHeader as e:
                                     # the stream is lost inside this sample; the index says where the next starts
                                     members = None
-                                    sliced = entries[member].key, DamagedSample(f"{e}; the index has no name to "
+                                    sliced = entries.keys[member], DamagedSample(f"{e}; the index has no name to "
                                                                                 f"check it by")
                             key, files = sliced
                             yield member, key, files

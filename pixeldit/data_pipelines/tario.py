@@ -8,7 +8,6 @@ stream can be reopened at the first sample not yet delivered.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import itertools
@@ -16,6 +15,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, NamedTuple
 
+from ..descriptors import Descriptor
 from ..storage import CorruptContent, TransientError
 
 BLOCK = 512
@@ -112,7 +112,35 @@ def _name_field(name: str) -> bytes:
     return encoded + b"\0" if len(encoded) <= 99 else b""
 
 
-def parse_index(text: str, where: str) -> list[IndexedSample]:
+class ShardIndex:
+    """A shard's DALI index: the key and header offset of every sample and, for each position of a
+    member in a line, the extension, data offset, size and header name field of every sample.
+
+    Kept column by column rather than as a tuple per sample and member: a lane holds the index
+    of every shard it has read from for the whole epoch, and four tuples a sample, surviving into
+    the oldest generation, made the garbage collector a fifth of the reading threads' CPU
+    (measured, docs/benchmarks.md). An index whose lines do not all list the same members keeps
+    one column per sample instead.
+    """
+
+    def __init__(self, keys: list[str], offsets: list[int], columns: list[tuple[list, list, list, list]]):
+        self.keys, self.offsets = keys, offsets
+        self.columns = columns  # (extensions, data offsets, sizes, header name fields) per member position
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def members(self, i: int) -> Iterator[tuple[str, int, int, bytes]]:
+        """(extension, data offset, size, header name field) of sample `i`'s members."""
+        for exts, starts, sizes, fields in self.columns:
+            if exts[i] is not None:  # None: the sample lists fewer members than the widest line
+                yield exts[i], starts[i], sizes[i], fields[i]
+
+    def __getitem__(self, i: int) -> IndexedSample:
+        return IndexedSample(self.offsets[i], self.keys[i], tuple(self.members(i)))
+
+
+def parse_index(text: str, where: str) -> ShardIndex:
     """Every sample of a DALI (wds2idx v1.2) index file, with its members' offsets and sizes."""
     def damaged(what: str) -> CorruptContent:
         return CorruptContent(f"{where}: damaged index ({what}); check the shards with `pixeldit shards verify` "
@@ -122,8 +150,8 @@ def parse_index(text: str, where: str) -> list[IndexedSample]:
     if not lines or not lines[0].startswith("v1.") or len(lines[0].split()) != 2 or not lines[0].split()[1].isdigit():
         raise damaged(f"not a DALI webdataset index: first line {lines[:1]}")
     count = int(lines[0].split()[1])
-    samples = _parse_uniform(lines[1:])
-    if samples is None:
+    index = _parse_uniform(lines[1:])
+    if index is None:
         samples = []
         for number, line in enumerate(lines[1:], 2):
             fields = line.split()
@@ -135,15 +163,22 @@ def parse_index(text: str, where: str) -> list[IndexedSample]:
             except ValueError:  # an offset or size that is not a number
                 raise damaged(f"line {number} is {line[:80]!r}") from None
             samples.append(IndexedSample(offsets[0] - BLOCK, split_name(names[0])[0], members))
-    if len(samples) != count:
-        raise damaged(f"its header says {count} samples, {len(samples)} listed")
-    return samples
+        index = _by_sample(samples)
+    if len(index) != count:
+        raise damaged(f"its header says {count} samples, {len(index)} listed")
+    return index
 
 
-_indexed_sample = functools.partial(tuple.__new__, IndexedSample)  # IndexedSample(*fields) without a Python frame
+def _by_sample(samples: list[IndexedSample]) -> ShardIndex:
+    """The ShardIndex of samples that list different members: a sample without a member at some
+    position has None in that position's columns."""
+    width = max((len(sample.members) for sample in samples), default=0)
+    columns = [tuple([s.members[k][field] if k < len(s.members) else None for s in samples] for field in range(4))
+               for k in range(width)]
+    return ShardIndex([s.key for s in samples], [s.offset for s in samples], columns)
 
 
-def _parse_uniform(lines: list[str]) -> list[IndexedSample] | None:
+def _parse_uniform(lines: list[str]) -> ShardIndex | None:
     """parse_index's samples, column by column, when every line lists the same number of members (as
     the writer and `shards index` write them); None otherwise, or where a number does not parse, for
     the line-by-line parse to name the line. An index is parsed once per shard and epoch by every lane
@@ -151,23 +186,38 @@ def _parse_uniform(lines: list[str]) -> list[IndexedSample] | None:
     and more than any other step of the reading thread (measured, docs/benchmarks.md)."""
     rows = list(map(str.split, lines))
     width = len(rows[0]) if rows else 4
-    if not width or width % 4 or any(len(row) != width for row in rows):
+    if not width or width % 4 or set(map(len, rows)) != {width}:
         return None
     tokens = list(itertools.chain.from_iterable(rows))
     columns = []
     try:
         for first in range(0, width, 4):
-            names = tokens[first + 3::width]
-            encoded = list(map(str.encode, names))
+            encoded = map(str.encode, tokens[first + 3::width])
             columns.append((tokens[first::width], list(map(int, tokens[first + 1::width])),
                             list(map(int, tokens[first + 2::width])),
-                            [e + b"\0" if len(e) <= 99 else b"" for e in encoded], names))  # as _name_field
+                            [e + b"\0" if len(e) <= 99 else b"" for e in encoded]))  # as _name_field
     except ValueError:
         return None
-    _, offsets, _, _, names = columns[0]
+    names = tokens[3::width]
     keys = [split_name(name)[0] for name in names]
-    members = zip(*(zip(exts, starts, sizes, fields) for exts, starts, sizes, fields, _ in columns))
-    return list(map(_indexed_sample, zip([offset - BLOCK for offset in offsets], keys, members)))
+    return ShardIndex(keys, [offset - BLOCK for offset in columns[0][1]], columns)
+
+
+class MappedSample(dict):
+    """A sample's files as views of a local shard's mapping, with the shard's open descriptor and
+    where the index puts them: a decode process maps the same file and decodes an image where it
+    lies, instead of getting a copy of its bytes."""
+
+    def __init__(self, file: Descriptor, index: ShardIndex, i: int):
+        super().__init__()
+        self.file, self.index, self.i = file, index, i
+
+    def place(self, ext: str) -> tuple[Descriptor, int]:
+        """The file and byte offset of member `ext`."""
+        for exts, offsets, _, _ in self.index.columns:
+            if exts[self.i] == ext:
+                return self.file, offsets[self.i]
+        raise KeyError(ext)
 
 
 class DamagedSample(dict):
@@ -193,12 +243,12 @@ class CorruptHeader(ValueError):
     """A tar header whose checksum does not match its bytes."""
 
 
-def intact_samples(entries: list[IndexedSample], size: int) -> int:
+def intact_samples(index: ShardIndex, size: int) -> int:
     """How many leading samples of an indexed archive lie wholly within its first `size` bytes."""
-    for i, sample in enumerate(entries):
-        if any(offset + length > size for _, offset, length, _ in sample.members):
+    for i in range(len(index)):
+        if any(offset + length > size for _, offset, length, _ in index.members(i)):
             return i
-    return len(entries)
+    return len(index)
 
 
 def read_exact(stream: BinaryIO, n: int, where: str) -> bytes:
@@ -252,8 +302,9 @@ def header_intact(header) -> bool:
     return sum(header[:148]) + 256 + sum(header[156:]) == _octal(header[148:156])
 
 
-def slice_sample(chunk: memoryview, base: int, sample: IndexedSample) -> tuple[str, dict[str, memoryview]] | None:
-    """The sample's files as views into `chunk` (bytes from offset `base`), located by the index.
+def slice_sample(chunk: memoryview, base: int, index: ShardIndex, i: int,
+                 file: Descriptor | None = None) -> tuple[str, dict[str, memoryview]] | None:
+    """Sample `i`'s files as views into `chunk` (bytes from offset `base`), located by the index.
 
     Views, not copies: a copy of every image costs as much as reading it (~5 µs per 256² JPEG),
     and the chunk is freed with the last sample that refers to it. None when a member's intact
@@ -261,11 +312,16 @@ def slice_sample(chunk: memoryview, base: int, sample: IndexedSample) -> tuple[s
     archive) or the index has no name for it (GNU long names): the caller parses the headers
     instead. A header that fails its checksum (a flipped bit) does not stop the index from
     locating the data when the index is sound around it: the sample's members follow each other
-    exactly as ustar lays them out; otherwise the sample comes back as a DamagedSample.
+    exactly as ustar lays them out; otherwise the sample comes back as a DamagedSample. With
+    `file`, the descriptor of the mapping `chunk` is cut from, the files come as a MappedSample.
     """
-    files = {}
+    files = {} if file is None else MappedSample(file, index, i)
     damaged = None
-    for ext, offset, size, name in sample.members:
+    for exts, offsets, sizes, names in index.columns:  # index.members(i), without a generator per sample
+        ext = exts[i]
+        if ext is None:
+            continue
+        offset, size, name = offsets[i], sizes[i], names[i]
         header = offset - BLOCK - base
         if not name:
             return None
@@ -275,13 +331,13 @@ def slice_sample(chunk: memoryview, base: int, sample: IndexedSample) -> tuple[s
             damaged = f"the tar header of {name[:-1].decode(errors='replace')!r} is damaged"
         files[ext] = chunk[offset - base:offset - base + size]
     if damaged is not None:
-        members = sample.members
+        members = tuple(index.members(i))
         laid_out = all(nxt[1] == off + size + -size % BLOCK + BLOCK
                        for (_, off, size, _), nxt in zip(members, members[1:]))
         if not laid_out or members[-1][1] + members[-1][2] > base + len(chunk):
-            return sample.key, DamagedSample(f"{damaged} and the index does not locate the sample's members "
+            return index.keys[i], DamagedSample(f"{damaged} and the index does not locate the sample's members "
                                              f"consistently")
-    return sample.key, files
+    return index.keys[i], files
 
 
 def read_sample(members: Iterator[tuple[str, bytes]], count: int, where: str) -> tuple[str, dict[str, bytes]]:
