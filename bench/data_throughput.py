@@ -13,7 +13,8 @@ loader only decodes). Per set it times whole epochs (each reads the set `--passe
   processes. No I/O, no batching.
   PIL on 1 process too: if it is as fast as W processes, other jobs left us one core.
 
-It also reports CPU ms per image (all of a pipeline's processes), which other jobs on a
+The timed rounds run as `pixeldit train`'s loop does, with the set-up's objects left out of garbage
+collections (pixeldit/host.py). It also reports CPU ms per image (all of a pipeline's processes), which other jobs on a
 shared machine barely move, and for ours pil the part of it in the decode processes (the rest is
 the consumer process: reading, admitting, handing the bytes over, batching). Repeats go round-robin over the pipelines so that load drifts
 hit them alike. Goals: ours >= 0.9x bound and >= 1.3x plain.
@@ -52,6 +53,7 @@ from pixeldit.data_pipelines.loader import ShardLoader
 from pixeldit.data_pipelines.manifest import ImagePolicy, load_manifest
 from pixeldit.data_pipelines.source import Split
 from pixeldit.data_pipelines.writer import list_image_folder, write_shards
+from pixeldit.host import exempt_setup_from_collection
 
 # LoaderSpec moved from loader.py to lanes.py; bench/ab.py runs this script in older trees too. Decided by
 # the file, not by trying the import: an editable install's finder could hand an older tree this tree's module.
@@ -290,12 +292,14 @@ def main():
         runners[name, "bound PIL (1 proc)"] = bound(pools[1], 1, _decode_pil, name, crop, args)
 
     runs = {key: [] for key in runners}
-    for r in range(args.repeat + 1):  # round 0 warms page cache, imports and the pools
-        for key, run in runners.items():
-            result = time_epoch(run)
-            if r:
-                runs[key].append(result)
-        print(f"round {r}/{args.repeat} done", flush=True)
+    # as in `pixeldit train`'s loop: collections leave the set-up's objects alone (pixeldit/host.py)
+    with exempt_setup_from_collection():
+        for r in range(args.repeat + 1):  # round 0 warms page cache, imports and the pools
+            for key, run in runners.items():
+                result = time_epoch(run)
+                if r:
+                    runs[key].append(result)
+            print(f"round {r}/{args.repeat} done", flush=True)
     for pool in pools:
         pool.close()
 

@@ -31,3 +31,32 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     default, kept = last_round_faults("default"), last_round_faults("keep")
     assert default > 20_000  # 96 MiB of 4 KiB pages mapped afresh every round: the cost being removed
     assert kept < default / 10
+
+
+def test_setup_objects_sit_out_collections_inside_and_return_to_the_collector_after():
+    import gc
+    import weakref
+
+    from pixeldit.host import exempt_setup_from_collection
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return a, weakref.ref(a)
+
+    garbage = cycle()[1]  # unreachable already: collected on entry, not frozen
+    alive, frozen = cycle()
+    with exempt_setup_from_collection():
+        assert garbage() is None and gc.get_freeze_count() > 1000  # torch's objects among them
+        del alive  # set-up objects that become cyclic garbage inside the loop...
+        gc.collect()
+        assert frozen() is not None  # ...are not walked by any collection there
+        made_inside = cycle()[1]
+        gc.collect()
+        assert made_inside() is None  # the loop's own garbage is collected as ever
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert frozen() is None

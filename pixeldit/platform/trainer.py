@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from .. import storage
 from ..errors import TrainingDiverged, WeightsError
+from ..host import exempt_setup_from_collection
 from ..diffusion import RectifiedFlow, repa_loss, velocity_loss
 from ..models import build_model, training_flops
 from ..parallel import TrainModule, build_strategy
@@ -374,13 +375,14 @@ class Trainer:
             # checkpoint of nothing new; until here Ctrl-C is Python's KeyboardInterrupt (abort, exit 130)
             # and SIGTERM ends the process, as during the set-up before fit()
             previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-            while self.state.step < self.cfg.train.steps:
-                batch, t0 = next(batches)
-                t_data = time.perf_counter() - t0
-                metrics = self._step_naming_the_rank(batch)
-                metrics["data_time"], metrics["step_time"] = t_data, time.perf_counter() - t0
-                if self._after_step(metrics):
-                    break
+            with exempt_setup_from_collection():
+                while self.state.step < self.cfg.train.steps:
+                    batch, t0 = next(batches)
+                    t_data = time.perf_counter() - t0
+                    metrics = self._step_naming_the_rank(batch)
+                    metrics["data_time"], metrics["step_time"] = t_data, time.perf_counter() - t0
+                    if self._after_step(metrics):
+                        break
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
