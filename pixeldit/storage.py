@@ -32,7 +32,6 @@ import aiohttp
 import botocore.exceptions
 import fsspec
 
-from .descriptors import Descriptor
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -453,15 +452,13 @@ class MappedFile:
     a local image is never copied before it is decoded (the read copy cost ~6 µs per 256² JPEG,
     1.5% of its decode). Views keep the mapping alive; it goes with the last one. The size is
     fixed when the file is opened: a shard truncated while it is being read would fault, so
-    shards are written to a temporary name and renamed (the writer does). `file` stays open while
-    anything holds it: a decode process maps this very file from it, not whatever the path names
-    by then.
+    shards are written to a temporary name and renamed (the writer does).
     """
 
     def __init__(self, path: str):
-        self.file = Descriptor(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-        size = os.fstat(self.file.fd).st_size
-        self.view = memoryview(mmap.mmap(self.file.fd, size, access=mmap.ACCESS_READ) if size else b"")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.view = memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b"")
         self.pos = 0
 
     def seek(self, pos: int):

@@ -24,8 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
-import weakref
-from collections import deque
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from pathlib import Path
@@ -33,16 +32,25 @@ from typing import Sequence
 
 import numpy as np
 
-from ..descriptors import Descriptor
 from . import images
 
+_segment_ids = itertools.count()
 
-class Segment(Descriptor):
-    """A shared buffer's file descriptor, open for as long as anyone holds this object."""
 
-    def __init__(self, fd: int, one_off: bool):
-        super().__init__(fd)
-        self.one_off = one_off  # not kept by the pool: processes drop their mapping after decoding into it
+@dataclass(eq=False)
+class Segment:
+    """A shared buffer's file descriptor, open for as long as anyone holds this object.
+
+    Closed by garbage collection rather than by an owner: a thread may be passing the descriptor
+    to a process when the loader lets go of the buffer, and a descriptor closed under it could
+    be reused by another file by the time it is sent.
+    """
+    id: int
+    fd: int
+    one_off: bool  # not kept by the pool: processes drop their mapping after decoding into it
+
+    def __del__(self):
+        os.close(self.fd)
 
 
 # Where an array starts in its mapping. libjpeg-turbo writes a 256² image into a destination 16
@@ -64,7 +72,7 @@ def shared_array(shape: tuple[int, ...], one_off: bool = False) -> tuple[np.ndar
         os.close(fd)
         raise
     array = np.frombuffer(memory, dtype=np.uint8, count=nbytes, offset=ARRAY_OFFSET).reshape(shape)
-    return array, Segment(fd, one_off)
+    return array, Segment(next(_segment_ids), fd, one_off)
 
 
 class Inbox:
@@ -82,20 +90,19 @@ class Inbox:
         self.stale: list[Segment] = []
 
     def fill(self, datas: Sequence[bytes]) -> list[int]:
-        """Copy `datas` in one after another; where each starts in the inbox's mapping."""
-        needed = sum(map(len, datas))
+        lengths = [len(d) for d in datas]
+        needed = sum(lengths)
         if self.array is None or self.array.size < needed:
             if self.segment is not None:
                 self.stale.append(self.segment)
             self.array, self.segment = shared_array((max(2 * needed, 1 << 22),))
         # memoryview slice assignment: the copy without a numpy array made and indexed per image
         # (a third less CPU per image, measured; `datas` are bytes or byte views, format "B")
-        target, end, starts = memoryview(self.array), 0, []
-        for data in datas:
-            starts.append(ARRAY_OFFSET + end)
-            target[end:end + len(data)] = data
-            end += len(data)
-        return starts
+        target, end = memoryview(self.array), 0
+        for data, length in zip(datas, lengths):
+            target[end:end + length] = data
+            end += length
+        return lengths
 
 
 class DecodeProcess:
@@ -116,8 +123,7 @@ class DecodeProcess:
         self.replies = threading.Condition()  # guards `received`: replies come back in the order jobs went out
         self.sent = self.received = 0
         self.failed = False  # the socket broke: a reply may never come, so no one may wait for one
-        self.mapped: set[int] = set()  # descriptors this process has a mapping of
-        self.gone: deque[int] = deque()  # shards sent to it that the loader has let go of since
+        self.mapped: set[int] = set()  # segments this process has a mapping of
         self.idle_inboxes: list[Inbox] = []  # kept across epochs: the process keeps them mapped
 
     def take_inbox(self) -> Inbox:
@@ -132,29 +138,38 @@ class DecodeProcess:
         return not self.failed and self.process.poll() is None
 
     def decode(self, inbox: Inbox, datas: Sequence[bytes], output: Segment, shape: tuple[int, ...], crop: bool,
-               flips: Sequence[bool], places: Sequence[tuple[Descriptor, int] | None] | None = None) -> dict[int, str]:
-        """`images.decode_batch` in the process, into `output` seen as an array of `shape`.
+               flips: Sequence[bool]) -> dict[int, str]:
+        """`images.decode_batch` in the process, from `inbox` into `output` seen as an array of `shape`.
 
-        An image with a place (the descriptor of a local shard and its offset there) is decoded
-        where it lies: the process maps the shard itself, the first time it meets it, and drops
-        the mapping once the loader lets go of the shard. The others are copied into `inbox`.
         Several threads may call this at once (each with its own inbox): the process works through
         their batches in the order they were sent, and the next one is already waiting in its
         socket when it finishes one, so it does not idle while a thread builds the batch it just
         decoded and reads the next.
         """
-        places = places or [None] * len(datas)
-        inline = [data for data, at in zip(datas, places) if at is None]
-        starts = iter(inbox.fill(inline) if inline else ())
-        spans, held = [], {output.id: output}  # spans: (mapping, offset, length) of each image
-        for data, at in zip(datas, places):
-            where, offset = (inbox.segment, next(starts)) if at is None else at
-            held[where.id] = where
-            spans.append((where.id, offset, len(data)))
+        lengths = inbox.fill(datas)
         try:
-            ticket = self._send(inbox, spans, held, output, shape, crop, flips)
+            with self.send_lock:
+                if self.failed:
+                    raise EOFError("an earlier exchange with the process failed")
+                ticket, self.sent = self.sent, self.sent + 1
+                new = [s for s in (inbox.segment, output) if s.id not in self.mapped]
+                drop = [s.id for s in inbox.stale if s.id in self.mapped] + ([output.id] if output.one_off else [])
+                self.conn.send((inbox.segment.id, lengths, output.id, shape, crop, list(flips),
+                                [s.id for s in new], drop))
+                for segment in new:
+                    send_handle(self.conn, segment.fd, self.process.pid)
+                    self.mapped.add(segment.id)
+                self.mapped.difference_update(drop)
             inbox.stale.clear()
-            return self._reply(ticket)
+            with self.replies:
+                self.replies.wait_for(lambda: self.received == ticket or self.failed)
+                if self.failed:
+                    raise EOFError("an earlier exchange with the process failed")
+                try:
+                    return self.conn.recv()
+                finally:
+                    self.received += 1
+                    self.replies.notify_all()
         except BaseException as e:
             # half a message may have gone out, or a reply is left unread: nothing after it can be
             # trusted, so no one may wait for a reply any more and the process is replaced
@@ -167,38 +182,6 @@ class DecodeProcess:
                 what = "stopped answering"
             raise RuntimeError(f"pil decode process {self.process.pid} {what} while decoding a batch; the "
                                f"loader starts a new one with the next epoch or resume") from e
-
-    def _send(self, inbox: Inbox, spans: list, held: dict[int, Descriptor], output: Segment,
-              shape: tuple[int, ...], crop: bool, flips: Sequence[bool]) -> int:
-        """The batch's message, then every descriptor the process has no mapping of yet; the
-        batch's place in the order replies come back in."""
-        with self.send_lock:
-            if self.failed:
-                raise EOFError("an earlier exchange with the process failed")
-            ticket, self.sent = self.sent, self.sent + 1
-            new = [d for d in held.values() if d.id not in self.mapped]
-            gone = [self.gone.popleft() for _ in range(len(self.gone))]
-            drop = [s.id for s in inbox.stale if s.id in self.mapped] + ([output.id] if output.one_off else [])
-            drop += [i for i in gone if i in self.mapped]
-            self.conn.send((spans, output.id, shape, crop, list(flips), [(d.id, d is output) for d in new], drop))
-            for descriptor in new:
-                send_handle(self.conn, descriptor.fd, self.process.pid)
-                self.mapped.add(descriptor.id)
-                if not isinstance(descriptor, Segment):  # a shard: its mapping goes when the loader lets go
-                    weakref.finalize(descriptor, self.gone.append, descriptor.id)
-            self.mapped.difference_update(drop)
-            return ticket
-
-    def _reply(self, ticket: int) -> dict[int, str]:
-        with self.replies:
-            self.replies.wait_for(lambda: self.received == ticket or self.failed)
-            if self.failed:
-                raise EOFError("an earlier exchange with the process failed")
-            try:
-                return self.conn.recv()
-            finally:
-                self.received += 1
-                self.replies.notify_all()
 
     def fail(self):
         with self.replies:
@@ -263,23 +246,24 @@ def serve(conn):
     mappings: dict[int, mmap.mmap] = {}
     while True:
         try:
-            spans, output, shape, crop, flips, new, drop = conn.recv()
-            for descriptor, writable in new:
+            inbox, lengths, output, shape, crop, flips, new, drop = conn.recv()
+            for segment in new:
                 fd = recv_handle(conn)
-                mappings[descriptor] = mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+                mappings[segment] = mmap.mmap(fd, 0)
                 os.close(fd)
         except (EOFError, OSError):  # the loader closed or reset the socket: done
             return
-        whole = {where: memoryview(mappings[where]) for where in {where for where, _, _ in spans}}
-        datas = [whole[where][offset:offset + length] for where, offset, length in spans]
-        out = np.frombuffer(mappings[output], dtype=np.uint8, count=int(np.prod(shape)),
-                            offset=ARRAY_OFFSET).reshape(shape)
-        failures = images.decode_batch(datas, out, crop, flips)
-        for view in itertools.chain(datas, whole.values()):
-            view.release()
-        del out, datas, whole
-        for descriptor in drop:
-            mappings.pop(descriptor).close()
+        with memoryview(mappings[inbox]) as whole, whole[ARRAY_OFFSET:] as payload:
+            ends = list(itertools.accumulate(lengths))
+            datas = [payload[end - length:end] for end, length in zip(ends, lengths)]
+            out = np.frombuffer(mappings[output], dtype=np.uint8, count=int(np.prod(shape)),
+                                offset=ARRAY_OFFSET).reshape(shape)
+            failures = images.decode_batch(datas, out, crop, flips)
+            for data in datas:
+                data.release()
+            del out, datas
+        for segment in drop:
+            mappings.pop(segment).close()
         try:
             conn.send(failures)
         except OSError:  # closed while we decoded: no one waits for this batch

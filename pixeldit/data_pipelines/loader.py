@@ -31,7 +31,7 @@ from .decode_processes import DecodeProcess, DecodeProcesses, Inbox, Segment, sh
 from .features import FeatureManifest, check_mirrors, load_feature_manifest
 from .lanes import Group, LoaderSpec, every_lane, rank_groups
 from .manifest import Manifest, manifest_url, read_manifest
-from .samples import AdmittedSample, admit, drop_undecodable, to_batch
+from .samples import admit, drop_undecodable, to_batch
 from .source import ReadStats, Split, lane_position
 
 log = logging.getLogger(__name__)
@@ -121,15 +121,14 @@ class BatchBuffers:
             self.returned.clear()
 
 
-def decode_here(samples: list[AdmittedSample], pixels: torch.Tensor, crop: bool) -> dict[int, str]:
-    return images.decode_batch([s.data for s in samples], pixels.numpy(), crop, [s.flipped for s in samples])
+def decode_here(datas, pixels: torch.Tensor, crop: bool, flips) -> dict[int, str]:
+    return images.decode_batch(datas, pixels.numpy(), crop, flips)
 
 
 def decode_in(process: DecodeProcess, buffers: BatchBuffers, inbox: Inbox):
     """`decode_here`, done by `process` into the shared buffer `pixels` lives in."""
-    def decode(samples: list[AdmittedSample], pixels: torch.Tensor, crop: bool) -> dict[int, str]:
-        return process.decode(inbox, [s.data for s in samples], buffers.segment(pixels), tuple(pixels.shape), crop,
-                              [s.flipped for s in samples], [s.at for s in samples])
+    def decode(datas, pixels: torch.Tensor, crop: bool, flips) -> dict[int, str]:
+        return process.decode(inbox, datas, buffers.segment(pixels), tuple(pixels.shape), crop, flips)
     return decode
 
 
@@ -145,7 +144,7 @@ def collate(spec: LoaderSpec, epoch: int, group: list, stats: ReadStats, buffers
     size = spec.image_size
     pixels = buffers.take((len(group), size, size, 3))
     samples = admit(spec, epoch, group, stats)
-    failures = decode(samples, pixels, spec.needs_resize())
+    failures = decode([s.data for s in samples], pixels, spec.needs_resize(), [s.flipped for s in samples])
     samples = drop_undecodable(spec, samples, failures, stats)
     return to_batch(spec, samples, pixels[:len(samples)].permute(0, 3, 1, 2), stats)
 

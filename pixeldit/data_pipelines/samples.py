@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from ..diffusion.randomness import stream_seed
-from ..descriptors import Descriptor
 from . import images
 from .features import decode as decode_features
 from .features import repa_files
@@ -22,22 +21,17 @@ from .index_shards import label_from
 from .lanes import LoaderSpec
 from .manifest import Manifest
 from .source import RawSample, ReadStats
-from .tario import DamagedSample, MappedSample
+from .tario import DamagedSample
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
-def image_ext(files: dict[str, bytes]) -> str | None:
+def image_bytes(files: dict[str, bytes]) -> bytes | None:
     for ext in IMAGE_EXTENSIONS:
         if ext in files:
-            return ext
+            return files[ext]
     return None
-
-
-def image_bytes(files: dict[str, bytes]) -> bytes | None:
-    ext = image_ext(files)
-    return None if ext is None else files[ext]
 
 
 def decode_image(data: bytes, size: int, crop: bool) -> torch.Tensor:
@@ -102,24 +96,21 @@ def skip(stats: ReadStats, spec: LoaderSpec, raw: RawSample, reason: str, detail
 
 @dataclass
 class AdmittedSample:
-    """A sample worth decoding: its encoded image, its class and whether it is flipped; `at`, where
-    the image lies in a local shard (the shard's descriptor and byte offset), when it was mapped."""
+    """A sample worth decoding: its encoded image, its class and whether it is flipped."""
     raw: RawSample
     data: bytes
     label: int
     flipped: bool
-    at: tuple[Descriptor, int] | None = None
 
 
 def admit_one(spec: LoaderSpec, epoch: int, raw: RawSample) -> AdmittedSample:
     if isinstance(raw.files, DamagedSample):
         raise Unusable(raw.files.reason, raw.files.detail)
-    ext = image_ext(raw.files)
-    if ext is None:
+    data = image_bytes(raw.files)
+    if data is None:
         raise Unusable("no_image", f"no image among {sorted(raw.files)}")
     label = label_of(raw.files, spec.manifest)
-    return AdmittedSample(raw, raw.files[ext], label, spec.hflip and flip_coin(spec.seed, epoch, raw.canonical),
-                          raw.files.place(ext) if isinstance(raw.files, MappedSample) else None)
+    return AdmittedSample(raw, data, label, spec.hflip and flip_coin(spec.seed, epoch, raw.canonical))
 
 
 def admit(spec: LoaderSpec, epoch: int, group: list[RawSample], stats: ReadStats) -> list[AdmittedSample]:

@@ -252,7 +252,7 @@ class ShardReader:
                         io.BufferedReader(RangedFile(fs, url), CHUNK_BYTES) as f:
                     # a shard shorter than its manifest entry was cut (a partial upload, a full disk):
                     # the samples before the cut are delivered, those after it are content to skip
-                    size, mapped = (len(f.view), f.file) if fs is None else (f.raw.size, None)  # decode processes map it
+                    size = len(f.view) if fs is None else f.raw.size
                     intact = intact_samples(entries, size) if size < shard_end else len(entries)
                     if member < intact:
                         f.seek(entries.offsets[member])
@@ -276,7 +276,7 @@ class ShardReader:
                         while member < last:
                             # the index gives every member's offset and size: slice, checking only
                             # the name in each header; parse the headers if the index disagrees
-                            sliced = None if members else slice_sample(view, base, entries, member, mapped)
+                            sliced = None if members else slice_sample(view, base, entries, member)
                             if sliced is None:
                                 if members is None:
                                     members = iter_members(io.BytesIO(view[entries.offsets[member] - base:]), url)

@@ -15,7 +15,6 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, NamedTuple
 
-from ..descriptors import Descriptor
 from ..storage import CorruptContent, TransientError
 
 BLOCK = 512
@@ -203,23 +202,6 @@ def _parse_uniform(lines: list[str]) -> ShardIndex | None:
     return ShardIndex(keys, [offset - BLOCK for offset in columns[0][1]], columns)
 
 
-class MappedSample(dict):
-    """A sample's files as views of a local shard's mapping, with the shard's open descriptor and
-    where the index puts them: a decode process maps the same file and decodes an image where it
-    lies, instead of getting a copy of its bytes."""
-
-    def __init__(self, file: Descriptor, index: ShardIndex, i: int):
-        super().__init__()
-        self.file, self.index, self.i = file, index, i
-
-    def place(self, ext: str) -> tuple[Descriptor, int]:
-        """The file and byte offset of member `ext`."""
-        for exts, offsets, _, _ in self.index.columns:
-            if exts[self.i] == ext:
-                return self.file, offsets[self.i]
-        raise KeyError(ext)
-
-
 class DamagedSample(dict):
     """Stands for the files of a sample the reader could not cut out of its shard.
 
@@ -302,8 +284,7 @@ def header_intact(header) -> bool:
     return sum(header[:148]) + 256 + sum(header[156:]) == _octal(header[148:156])
 
 
-def slice_sample(chunk: memoryview, base: int, index: ShardIndex, i: int,
-                 file: Descriptor | None = None) -> tuple[str, dict[str, memoryview]] | None:
+def slice_sample(chunk: memoryview, base: int, index: ShardIndex, i: int) -> tuple[str, dict[str, memoryview]] | None:
     """Sample `i`'s files as views into `chunk` (bytes from offset `base`), located by the index.
 
     Views, not copies: a copy of every image costs as much as reading it (~5 µs per 256² JPEG),
@@ -312,10 +293,9 @@ def slice_sample(chunk: memoryview, base: int, index: ShardIndex, i: int,
     archive) or the index has no name for it (GNU long names): the caller parses the headers
     instead. A header that fails its checksum (a flipped bit) does not stop the index from
     locating the data when the index is sound around it: the sample's members follow each other
-    exactly as ustar lays them out; otherwise the sample comes back as a DamagedSample. With
-    `file`, the descriptor of the mapping `chunk` is cut from, the files come as a MappedSample.
+    exactly as ustar lays them out; otherwise the sample comes back as a DamagedSample.
     """
-    files = {} if file is None else MappedSample(file, index, i)
+    files = {}
     damaged = None
     for exts, offsets, sizes, names in index.columns:  # index.members(i), without a generator per sample
         ext = exts[i]
