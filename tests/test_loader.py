@@ -220,6 +220,31 @@ def test_a_batch_larger_than_the_inbox_grows_it_and_decodes_the_same(photo_shard
         process.close()
 
 
+def test_a_decode_process_imports_the_loaders_own_package_whatever_the_working_directory_holds(
+        photo_shards, tmp_path, monkeypatch):
+    """`python -c` puts the working directory first on the path: another checkout of pixeldit there
+    (a repository's root, a bench's worktree) must not be what the process imports."""
+    import numpy as np
+
+    from pixeldit.data_pipelines.decode_processes import DecodeProcess, shared_array
+    from pixeldit.data_pipelines.samples import image_bytes
+    from pixeldit.data_pipelines.source import ShardReader
+
+    manifest = load_manifest(photo_shards["root"])
+    _, _, files = next(iter(ShardReader(manifest, photo_shards["root"]).read_run(0, 0, 1)))
+    Path(tmp_path, "pixeldit").mkdir()
+    Path(tmp_path, "pixeldit", "__init__.py").write_text("raise ImportError('another checkout')\n")
+    monkeypatch.chdir(tmp_path)
+    out, segment = shared_array((1, 64, 64, 3))
+    process = DecodeProcess()
+    try:
+        inbox = process.take_inbox()
+        assert process.decode(inbox, [bytes(image_bytes(files))], segment, out.shape, True, [False]) == {}
+        assert np.any(out)
+    finally:
+        process.close()
+
+
 def test_shared_batch_arrays_sit_where_the_decoder_writes_fastest():
     """16 bytes past a 64-byte boundary, like malloc's blocks (docs/benchmarks.md: 4-13% of a
     256² decode); the process-vs-in-process pixel tests catch a process that writes elsewhere."""
