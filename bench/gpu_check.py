@@ -25,6 +25,7 @@ Where device time comes in short calls, split the run and keep each JSON:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -140,7 +141,6 @@ def train_variant(variant: dict, memory_gb: float, tflops: float, args, workdir:
             tries.append(batch)
             batch = batch * 3 // 4
         finally:
-            import gc
             gc.collect()
             torch.cuda.empty_cache()
     return {**variant, **plan, "micro_batch": None, "out_of_memory_at": tries}

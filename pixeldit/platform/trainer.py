@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .. import storage
 from ..errors import TrainingDiverged, WeightsError
-from ..host import exempt_setup_from_collection
+from ..host import exempt_setup_from_collection, prepare_host
 from ..diffusion import RectifiedFlow, repa_loss, velocity_loss
 from ..models import build_model, training_flops
 from ..parallel import TrainModule, build_strategy
@@ -52,7 +52,6 @@ class TrainState:
 
 def setup_distributed(cfg) -> tuple[int, int, torch.device]:
     from ..distributed import join_process_group
-    from ..host import prepare_host
 
     cuda = torch.cuda.is_available()
     rank, world, local_rank, _ = join_process_group(cuda, cfg.distributed.backend, cfg.distributed.timeout_s)
