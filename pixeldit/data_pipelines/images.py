@@ -45,6 +45,10 @@ def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
 
     Halve with a box filter while the short side is at least 2·size (cheap and
     alias-free), resize bicubic so the short side is `size`, crop the centre.
+
+    The whole image is resized although only the centre is kept: resizing just that window
+    (Pillow's `box`) resamples in 17% less time but gives other pixels (off by 1 on most
+    sizes tried, by up to 20 levels on some), and the crop must match the reference's.
     """
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
