@@ -15,9 +15,10 @@ loader only decodes). Per set it times whole epochs (each reads the set `--passe
 
 The timed rounds run as `pixeldit train`'s loop does, with the set-up's objects left out of
 garbage collections (pixeldit/host.py). It also reports CPU ms per image (all of a pipeline's
-processes), which other jobs on a shared machine barely move, and for ours pil the part of it in the decode processes (the rest is
-the consumer process: reading, admitting, handing the bytes over, batching). Repeats go round-robin over the pipelines so that load drifts
-hit them alike. Goals: ours >= 0.9x bound and >= 1.3x plain.
+processes), which other jobs on a shared machine barely move, and for ours pil the part of it
+in the decode processes (the rest is the consumer process: reading, admitting, handing the
+bytes over, batching). Repeats go round-robin over the pipelines so that load drifts hit them
+alike. Goals: ours >= 0.9x bound and >= 1.3x plain.
 """
 
 from __future__ import annotations
