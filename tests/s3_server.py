@@ -121,20 +121,26 @@ def moto_server(startup_timeout: float = 30, attempts: int = 3) -> Iterator[S3En
             _stop_process_group(process)
 
 
+def without_aws_environment(mp: pytest.MonkeyPatch) -> None:
+    """No credentials, profile, endpoint or config file from the caller's environment, and no instance
+    metadata lookup: the tests see what a machine without AWS set up sees, whatever the developer has."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                 "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        mp.delenv(name, raising=False)
+    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        mp.setenv(name, os.path.join(os.path.dirname(__file__), "no-such-aws-file"))
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[S3Endpoint]:
     """A moto S3 server for the whole session, with fake credentials (and no ~/.aws) in the environment."""
     no_proxy = ",".join(x for x in (os.environ.get("NO_PROXY"), HOST, "localhost") if x)
     with pytest.MonkeyPatch.context() as mp:
+        without_aws_environment(mp)
         for name, value in {"AWS_ACCESS_KEY_ID": FAKE_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
-                            "AWS_DEFAULT_REGION": REGION, "NO_PROXY": no_proxy, "no_proxy": no_proxy,
-                            "AWS_CONFIG_FILE": os.path.join(tempfile.gettempdir(), "pixeldit-tests-no-aws-config"),
-                            "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tempfile.gettempdir(),
-                                                                        "pixeldit-tests-no-aws-creds")}.items():
+                            "AWS_DEFAULT_REGION": REGION, "NO_PROXY": no_proxy, "no_proxy": no_proxy}.items():
             mp.setenv(name, value)
-        for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL",
-                     "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
         with moto_server() as endpoint:
             yield endpoint
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.dist import run_distributed
+from tests.s3_server import without_aws_environment
 
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
 
@@ -208,12 +209,7 @@ def no_aws_credentials(monkeypatch):
     on its manifest at once, as it does on a user's machine without them. The S3 tests leave fake
     credentials in the session's environment: with those the plan retried the unreachable endpoint
     until its deadline, 7 s a plan and 80 s of the suite, whichever test ran first."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-                 "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-        monkeypatch.setenv(name, os.path.join(os.path.dirname(__file__), "no-such-aws-file"))
+    without_aws_environment(monkeypatch)
 
 
 def _plan_json(capsys, *args) -> dict:
