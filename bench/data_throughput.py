@@ -252,19 +252,33 @@ def time_epoch(run) -> dict:
 
 def summarize(runs: dict, name: str) -> dict:
     """Ratios per round (its pipelines ran seconds apart), then the median: load from other jobs drifts
-    over minutes, so a ratio of two best-of-R figures may pair a quiet and a busy moment."""
-    def top(kind, field="img_s", pick=max):  # per round, the better of our two decoders (or two bounds)
+    over minutes, so a ratio of two best-of-R figures may pair a quiet and a busy moment.
+
+    Each side is one pipeline, the one with the best median over the run (for CPU, the least): the
+    bound is the fastest decoder here, not whichever of its variants read highest in a round. The
+    variants within a few percent of each other (simplejpeg with and without a reused buffer) read
+    alternately highest from round to round on a shared host, and the larger of two noisy readings
+    of the same rate is biased upwards by their noise; the round-by-round best is printed beside it.
+    """
+    def best(kind, field="img_s", pick=max):
         keys = [k for k in runs if k[0] == name and k[1].startswith(kind)]
-        return [pick(runs[k][r][field] for k in keys) for r in range(len(runs[keys[0]]))]
-    ours_rate = top("ours")
-    out = {"ours/bound": [o / b for o, b in zip(ours_rate, top("bound"))],
-           "ours/plain": [o / p for o, p in zip(ours_rate, top("plain"))],
-           "bound/ours CPU": [b / o for b, o in zip(top("bound", "cpu_ms", min), top("ours", "cpu_ms", min))]}
-    for (ratio, per_round), goal in zip(out.items(), (0.9, 1.3, None)):
+        key = pick(keys, key=lambda k: statistics.median(x[field] for x in runs[k]))
+        return [x[field] for x in runs[key]]
+
+    def per_round_best(kind):
+        keys = [k for k in runs if k[0] == name and k[1].startswith(kind)]
+        return [max(runs[k][r]["img_s"] for k in keys) for r in range(len(runs[keys[0]]))]
+
+    ours_rate = best("ours")
+    out = {"ours/bound": [o / b for o, b in zip(ours_rate, best("bound"))],
+           "ours/plain": [o / p for o, p in zip(ours_rate, best("plain"))],
+           "bound/ours CPU": [b / o for b, o in zip(best("bound", "cpu_ms", min), best("ours", "cpu_ms", min))],
+           "ours/bound, each round's best": [o / b for o, b in zip(per_round_best("ours"), per_round_best("bound"))]}
+    for (ratio, per_round), goal in zip(out.items(), (0.9, 1.3, "(img/s per core)", "(biased low)")):
         mid = statistics.median(per_round)
-        verdict = f"goal >= {goal}: {'met' if mid >= goal else 'NOT met'}" if goal else "(img/s per core)"
+        verdict = goal if isinstance(goal, str) else f"goal >= {goal}: {'met' if mid >= goal else 'NOT met'}"
         # three decimals: 0.897 printed as 0.90 next to "NOT met" reads as a contradiction
-        print(f"{name:<9} {ratio:<15} {mid:6.3f}  {verdict:<22} rounds: {' '.join(f'{x:.3f}' for x in per_round)}")
+        print(f"{name:<9} {ratio:<29} {mid:6.3f}  {verdict:<22} rounds: {' '.join(f'{x:.3f}' for x in per_round)}")
     return out
 
 
