@@ -260,14 +260,16 @@ def summarize(runs: dict, name: str) -> dict:
     alternately highest from round to round on a shared host, and the larger of two noisy readings
     of the same rate is biased upwards by their noise; the round-by-round best is printed beside it.
     """
+    def pipelines(kind):
+        return [k for k in runs if k[0] == name and k[1].startswith(kind)]
+
     def best(kind, field="img_s", pick=max):
-        keys = [k for k in runs if k[0] == name and k[1].startswith(kind)]
-        key = pick(keys, key=lambda k: statistics.median(x[field] for x in runs[k]))
+        key = pick(pipelines(kind), key=lambda k: statistics.median(x[field] for x in runs[k]))
         return [x[field] for x in runs[key]]
 
     def per_round_best(kind):
-        keys = [k for k in runs if k[0] == name and k[1].startswith(kind)]
-        return [max(runs[k][r]["img_s"] for k in keys) for r in range(len(runs[keys[0]]))]
+        rates = [[x["img_s"] for x in runs[k]] for k in pipelines(kind)]
+        return [max(each) for each in zip(*rates)]
 
     ours_rate = best("ours")
     out = {"ours/bound": [o / b for o, b in zip(ours_rate, best("bound"))],
