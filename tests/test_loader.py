@@ -86,11 +86,12 @@ def test_kept_batches_keep_their_pixels_while_the_lanes_run_on(synthetic_shards)
 
 
 def test_lane_threads_end_when_the_consumer_stops_early(synthetic_shards):
+    from pixeldit.data_pipelines.loader import THREADS_PER_PROCESS
     before = threading.active_count()
     loader = ShardLoader(spec_for(synthetic_shards, lanes=3), num_workers=3, prefetch=1)
     batches = iter(loader)
     next(batches)
-    assert threading.active_count() == before + 3  # one a decode process, all started with the epoch
+    assert threading.active_count() == before + 3 * THREADS_PER_PROCESS  # all started with the epoch
     batches.close()
     deadline = time.monotonic() + 20
     while threading.active_count() > before and time.monotonic() < deadline:

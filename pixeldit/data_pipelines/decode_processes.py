@@ -17,7 +17,6 @@ This module is what a decode process imports: numpy, Pillow and simplejpeg, but 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import mmap
 import os
@@ -138,16 +137,17 @@ class DecodeProcess:
     def alive(self) -> bool:
         return not self.failed and self.process.poll() is None
 
-    def send(self, inbox: Inbox, datas: Sequence[bytes], output: Segment, shape: tuple[int, ...], crop: bool,
-             flips: Sequence[bool]) -> int:
-        """Queue `images.decode_batch` in the process, from `inbox` into `output` seen as an array of
-        `shape`; returns the ticket `receive` takes. `inbox` stays the batch's until then.
+    def decode(self, inbox: Inbox, datas: Sequence[bytes], output: Segment, shape: tuple[int, ...], crop: bool,
+               flips: Sequence[bool]) -> dict[int, str]:
+        """`images.decode_batch` in the process, from `inbox` into `output` seen as an array of `shape`.
 
-        The process works through batches in the order they were sent: with the next one already
-        waiting in its socket when it finishes one, it does not idle while its feeder reads.
+        Several threads may call this at once (each with its own inbox): the process works through
+        their batches in the order they were sent, and the next one is already waiting in its
+        socket when it finishes one, so it does not idle while a thread builds the batch it just
+        decoded and reads the next.
         """
         lengths = inbox.fill(datas)
-        with self.exchange():
+        try:
             with self.send_lock:
                 if self.failed:
                     raise EOFError("an earlier exchange with the process failed")
@@ -160,35 +160,19 @@ class DecodeProcess:
                     send_handle(self.conn, segment.fd, self.process.pid)
                     self.mapped.add(segment.id)
                 self.mapped.difference_update(drop)
-        inbox.stale.clear()
-        return ticket
-
-    def receive(self, ticket: int) -> dict[int, str]:
-        """The failures of the batch sent under `ticket` (why each image that did not decode did not),
-        once its pixels are in place. Replies come in ticket order, whichever thread waits for them."""
-        with self.exchange(), self.replies:
-            self.replies.wait_for(lambda: self.received == ticket or self.failed)
-            if self.failed:
-                raise EOFError("an earlier exchange with the process failed")
-            try:
-                return self.conn.recv()
-            finally:
-                self.received += 1
-                self.replies.notify_all()
-
-    def decode(self, inbox: Inbox, datas: Sequence[bytes], output: Segment, shape: tuple[int, ...], crop: bool,
-               flips: Sequence[bool]) -> dict[int, str]:
-        """`send`, then `receive`."""
-        return self.receive(self.send(inbox, datas, output, shape, crop, flips))
-
-    @contextlib.contextmanager
-    def exchange(self):
-        """Half a message may have gone out, or a reply is left unread, when anything fails inside:
-        nothing after it can be trusted, so no one may wait for a reply any more and the process is
-        replaced."""
-        try:
-            yield
+            inbox.stale.clear()
+            with self.replies:
+                self.replies.wait_for(lambda: self.received == ticket or self.failed)
+                if self.failed:
+                    raise EOFError("an earlier exchange with the process failed")
+                try:
+                    return self.conn.recv()
+                finally:
+                    self.received += 1
+                    self.replies.notify_all()
         except BaseException as e:
+            # half a message may have gone out, or a reply is left unread: nothing after it can be
+            # trusted, so no one may wait for a reply any more and the process is replaced
             self.fail()
             if not isinstance(e, (EOFError, OSError)):
                 raise

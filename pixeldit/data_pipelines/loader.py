@@ -31,12 +31,12 @@ from .decode_processes import DecodeProcess, DecodeProcesses, Inbox, Segment, sh
 from .features import FeatureManifest, check_mirrors, load_feature_manifest
 from .lanes import Group, LoaderSpec, every_lane, rank_groups
 from .manifest import Manifest, manifest_url, read_manifest
-from .samples import AdmittedSample, admit, drop_undecodable, to_batch
+from .samples import admit, drop_undecodable, to_batch
 from .source import ReadStats, Split, lane_position
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-BATCHES_PER_PROCESS = 2  # queued in each decode process: its thread reads the next while it decodes one
+THREADS_PER_PROCESS = 2  # one reads the next batch while the other's batch is being decoded
 
 
 def to_model_input(batch: dict, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,30 +121,30 @@ class BatchBuffers:
             self.returned.clear()
 
 
-def collate(spec: LoaderSpec, epoch: int, group: list, stats: ReadStats, buffers: BatchBuffers) -> dict:
-    """Decode one batch in this process; a sample that will not decode is skipped and counted.
+def decode_here(datas, pixels: torch.Tensor, crop: bool, flips) -> dict[int, str]:
+    return images.decode_batch(datas, pixels.numpy(), crop, flips)
+
+
+def decode_in(process: DecodeProcess, buffers: BatchBuffers, inbox: Inbox):
+    """`decode_here`, done by `process` into the shared buffer `pixels` lives in."""
+    def decode(datas, pixels: torch.Tensor, crop: bool, flips) -> dict[int, str]:
+        return process.decode(inbox, datas, buffers.segment(pixels), tuple(pixels.shape), crop, flips)
+    return decode
+
+
+def collate(spec: LoaderSpec, epoch: int, group: list, stats: ReadStats, buffers: BatchBuffers,
+            decode=decode_here) -> dict:
+    """Decode one batch; a sample that will not decode is skipped and counted.
 
     Each image is decoded into its slot of the batch. The batch is (B, 3, H, W) in channels-last
     memory: JPEG decoders produce interleaved pixels, and a CHW batch would transpose every image
     (measured 15 ms per 32 × 256² batch, a third of the decode time). The device-side float
     conversion absorbs the layout.
     """
-    pixels, samples = lay_out(spec, epoch, group, stats, buffers)
-    failures = images.decode_batch([s.data for s in samples], pixels.numpy(), spec.needs_resize(),
-                                   [s.flipped for s in samples])
-    return assemble(spec, samples, failures, pixels, stats)
-
-
-def lay_out(spec: LoaderSpec, epoch: int, group: list, stats: ReadStats,
-            buffers: BatchBuffers) -> tuple[torch.Tensor, list[AdmittedSample]]:
-    """The batch's pixel buffer and the samples to decode into it (the others skipped and counted)."""
     size = spec.image_size
-    return buffers.take((len(group), size, size, 3)), admit(spec, epoch, group, stats)
-
-
-def assemble(spec: LoaderSpec, samples: list[AdmittedSample], failures: dict[int, str], pixels: torch.Tensor,
-             stats: ReadStats) -> dict:
-    """The batch of the decoded `samples`, whose images fill the first rows of `pixels`."""
+    pixels = buffers.take((len(group), size, size, 3))
+    samples = admit(spec, epoch, group, stats)
+    failures = decode([s.data for s in samples], pixels, spec.needs_resize(), [s.flipped for s in samples])
     samples = drop_undecodable(spec, samples, failures, stats)
     return to_batch(spec, samples, pixels[:len(samples)].permute(0, 3, 1, 2), stats)
 
@@ -211,14 +211,12 @@ class Claims:
         self.claimed, self.delivered, self.stopped = first, first, False
         self.finished: dict[int, dict | BaseException] = {}
 
-    def claim(self, wait: bool = True) -> int | None:
-        """The next batch to decode, or None when the epoch is all claimed or stopped (or, unless
-        `wait`, when no batch may be claimed yet)."""
+    def claim(self) -> int | None:
+        """The next batch to decode, or None when the epoch is all claimed or stopped."""
         with self.room:
-            if wait:
-                self.room.wait_for(lambda: self.stopped or self.claimed >= self.total
-                                   or self.claimed < self.delivered + self.ahead)
-            if self.stopped or self.claimed >= min(self.total, self.delivered + self.ahead):
+            self.room.wait_for(lambda: self.stopped or self.claimed >= self.total
+                               or self.claimed < self.delivered + self.ahead)
+            if self.stopped or self.claimed >= self.total:
                 return None
             k, self.claimed = self.claimed, self.claimed + 1
             return k
@@ -243,98 +241,45 @@ class Claims:
             self.room.notify_all()
 
 
-@dataclass
-class QueuedBatch:
-    """A batch sent to a decode process and not yet answered."""
-    k: int
-    ticket: int
-    inbox: Inbox
-    pixels: torch.Tensor
-    samples: list[AdmittedSample]
-    stats: ReadStats
-
-
-@dataclass
-class Feeding:
-    """What the threads feeding an epoch's batches to the decode processes share."""
-    spec: LoaderSpec
-    epoch: int
-    turns: LaneTurns
-    claims: Claims
-    buffers: BatchBuffers
-    pin: bool
-
-    def send(self, process: DecodeProcess, inbox: Inbox, k: int) -> QueuedBatch:
-        """Read batch `k` (in its lane's turn) and queue its decode in `process`."""
-        group, stats = self.turns.read(k)
-        pixels, samples = lay_out(self.spec, self.epoch, group, stats, self.buffers)
-        ticket = process.send(inbox, [s.data for s in samples], self.buffers.segment(pixels), tuple(pixels.shape),
-                              self.spec.needs_resize(), [s.flipped for s in samples])
-        return QueuedBatch(k, ticket, inbox, pixels, samples, stats)
-
-    def receive(self, process: DecodeProcess, queued: QueuedBatch) -> dict:
-        batch = assemble(self.spec, queued.samples, process.receive(queued.ticket), queued.pixels, queued.stats)
-        if self.pin:
-            batch.update({name: batch[name].pin_memory() for name in ("image", "repa") if name in batch})
-        return batch
-
-    def feed(self, process: DecodeProcess):
-        """A thread's epoch: keep BATCHES_PER_PROCESS batches queued in `process`, each read here
-        while the process decodes the one before it, and finish each batch once decoded.
-
-        One thread a process, not one a batch: a second thread waking and taking the GIL per
-        batch cost the consumer's process ~25 µs of CPU an image on two cores (measured).
-        """
-        me = threading.current_thread().name
-        idle = [process.take_inbox() for _ in range(BATCHES_PER_PROCESS)]  # one a queued batch
-        queued: collections.deque[QueuedBatch] = collections.deque()
-        try:
-            while True:
-                k = self.claims.claim(wait=not queued) if idle else None
-                if k is not None:
-                    inbox = idle.pop()
-                    try:
-                        queued.append(self.send(process, inbox, k))
-                    except BaseException as e:  # noqa: BLE001 - re-raised in the consumer, in batch order
-                        idle.append(inbox)
-                        self.claims.finish(k, e)
-                    continue
-                if not queued:
-                    return
-                oldest = queued.popleft()
-                self.turns.doing[me] = f"waiting for decode process {process.process.pid} (batch {oldest.k})"
-                try:
-                    batch = self.receive(process, oldest)
-                except BaseException as e:  # noqa: BLE001 - re-raised in the consumer, in batch order
-                    batch = e
-                idle.append(oldest.inbox)
-                self.claims.finish(oldest.k, batch)
-        finally:
-            for inbox in idle:  # a still queued batch's inbox may still be read by its process: not reused
-                process.return_inbox(inbox)
-
-
 def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes: DecodeProcesses, prefetch: int,
                      buffers: BatchBuffers, pin: bool, join_deadline_s: float = 300.0) -> Iterator[dict]:
-    """The rank's batches in lane order, read by a thread per decode process and decoded by it.
+    """The rank's batches in lane order, each read by whichever thread is free and decoded by its process.
 
     Threads are not tied to lanes: with one thread per lane, a lane held up (a large image, a
     core taken by another process) stalls every other lane as soon as they are `prefetch`
     batches ahead, and on two cores that idled 10-20% of the decode time. Here a thread claims
     the next batch, waits its turn to read it from its lane (lanes are read in order), and
-    queues it in its process while the process decodes the batch before. At most
-    processes × BATCHES_PER_PROCESS × (prefetch + 1) batches are in flight or waiting for the
-    consumer. `pin`: copy batches into page-locked memory for asynchronous copies to the GPU,
-    as DataLoader's pin_memory does (shared memory is not page-locked).
+    has its process decode it while other threads read and decode later batches. At most
+    threads × (prefetch + 1) batches are in flight or waiting for the consumer. `pin`: copy
+    batches into page-locked memory for asynchronous copies to the GPU, as DataLoader's
+    pin_memory does (shared memory is not page-locked).
     """
     total = spec.batches_per_rank(epoch)
     doing: dict[str, str] = {}
-    claims = Claims(batches_done, total, batches_in_flight(BATCHES_PER_PROCESS * processes.count, prefetch))
-    feeding = Feeding(spec, epoch, LaneTurns(spec, epoch, batches_done, doing), claims, buffers, pin)
-    started, running = [], processes.running()
+    turns = LaneTurns(spec, epoch, batches_done, doing)
+    claims = Claims(batches_done, total, batches_in_flight(THREADS_PER_PROCESS * processes.count, prefetch))
+
+    def decode_claimed(process: DecodeProcess):
+        inbox = process.take_inbox()
+        try:
+            decode = decode_in(process, buffers, inbox)
+            while (k := claims.claim()) is not None:
+                try:
+                    group, stats = turns.read(k)
+                    doing[threading.current_thread().name] = f"decoding batch {k}"
+                    batch = collate(spec, epoch, group, stats, buffers, decode)
+                    if pin:
+                        batch.update({name: batch[name].pin_memory() for name in ("image", "repa") if name in batch})
+                except BaseException as e:  # noqa: BLE001 - re-raised in the consumer, in batch order
+                    batch = e
+                claims.finish(k, batch)
+        finally:
+            process.return_inbox(inbox)
+
+    started = []
     try:
-        for i, process in enumerate(running):
-            started.append(threading.Thread(target=feeding.feed, args=(process,), daemon=True,
+        for i, process in enumerate(processes.running() * THREADS_PER_PROCESS):
+            started.append(threading.Thread(target=decode_claimed, args=(process,), daemon=True,
                                             name=f"pixeldit-loader-{epoch}-{i}"))
             started[-1].start()
         for k in range(batches_done, total):
@@ -346,9 +291,6 @@ def threaded_batches(spec: LoaderSpec, epoch: int, batches_done: int, processes:
         claims.stop()
         # so that nothing uses the processes or buffers after the epoch
         join_all(started, join_deadline_s, doing)
-        for thread, process in zip(started, running):
-            if thread.is_alive():  # left behind with a batch queued: the next epoch's thread gets a new process
-                process.fail()
 
 
 class ShardLoader:
@@ -381,7 +323,7 @@ class ShardLoader:
         self.processes = DecodeProcesses(num_workers) if decoder == "pil" and num_workers > 0 else None
         # + 4: the batches the consumer still holds (the step in flight, the one before it)
         self.buffers = BatchBuffers(pinned=self.device.type == "cuda" and self.processes is None,
-                                    keep=batches_in_flight(BATCHES_PER_PROCESS * num_workers, prefetch) + 4,
+                                    keep=batches_in_flight(THREADS_PER_PROCESS * num_workers, prefetch) + 4,
                                     shared=self.processes is not None)
         self._finalize = weakref.finalize(self, ShardLoader._release, self.processes, self.buffers)
 

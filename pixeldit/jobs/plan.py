@@ -373,13 +373,13 @@ def loader_memory(cfg, per_rank: int, decoded_per_image: float, stored_per_image
     step still holds; the step's batch is then copied to the GPU. dali: the encoded batches
     queued for DALI in host memory; DALI decodes on the GPU into its prefetch queue, next to
     the batch in use."""
-    from ..data_pipelines.loader import BATCHES_PER_PROCESS, batches_in_flight
+    from ..data_pipelines.loader import THREADS_PER_PROCESS, batches_in_flight
 
     if cfg.data.decoder == "dali":
         host_batches, host_per_image = LOADER_PREFETCH + 2, stored_per_image
         device_batches = LOADER_PREFETCH + 1
     else:
-        host_batches = batches_in_flight(BATCHES_PER_PROCESS * cfg.data.num_workers, LOADER_PREFETCH) + 4
+        host_batches = batches_in_flight(THREADS_PER_PROCESS * cfg.data.num_workers, LOADER_PREFETCH) + 4
         host_per_image, device_batches = decoded_per_image, 1
     return {"decoder": cfg.data.decoder, "host_batches": host_batches,
             "host_bytes": host_batches * per_rank * host_per_image,
