@@ -118,11 +118,11 @@ def main():
     root = dt.build_datasets(Path(args.workdir or tmp.name), args.images, args.workers)[SET]
     dt._BYTES[SET] = dt.read_jpegs(root)
     pool = mp.get_context("fork").Pool(args.workers, torch.set_num_threads, (1,))
-    table = argparse.Namespace(batch=32, window=512, passes=args.passes)
-    loader = loader_module.ShardLoader(dt.spec_for(root, args.workers, table, args.passes), "pil", args.workers)
-    bounds = {"fresh": dt.bound(pool, args.workers, dt._decode_simplejpeg, SET, 0, table),
+    settings = argparse.Namespace(batch=32, window=512, passes=args.passes)  # what data_throughput's helpers read
+    loader = loader_module.ShardLoader(dt.spec_for(root, args.workers, settings, args.passes), "pil", args.workers)
+    bounds = {"fresh": dt.bound(pool, args.workers, dt._decode_simplejpeg, SET, 0, settings),
               "reused": dt.bound(pool, args.workers, functools.partial(dt._decode_simplejpeg, reuse=True), SET, 0,
-                                 table)}
+                                 settings)}
     runs = {arm: [] for arm in ("current", "floor", *bounds)}
     with exempt_setup_from_collection():
         for r in range(args.rounds + 1):  # round 0 warms the page cache, the processes and the pool
