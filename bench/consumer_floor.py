@@ -10,15 +10,15 @@ It alternates three arms, round by round, on the crop256 set:
 
 * current: `ShardLoader(pil, W decode processes)` as `pixeldit train` runs it;
 * floor: the same loader, threads and decode processes, but every batch's samples are read and
-  admitted before the epoch starts (untimed, and outside the CPU counts); the timed epoch only
-  claims batches, copies their bytes to the processes, waits for the pixels and builds the batch
-  dicts. No reader can cost less than nothing, so this is the ceiling of any cheaper reader;
+  admitted before the epoch starts (untimed, and outside the CPU counts); the timed epoch runs
+  the rest of the loader's own collate: it claims batches, copies their bytes to the processes,
+  waits for the pixels and builds the batches. No reader can cost less than nothing, so this is the ceiling of any cheaper reader;
 * bound: the data_throughput bound, simplejpeg on W processes (the better of its two variants by
   median img/s, as that bench takes it).
 
 Prints each arm's median img/s, ratio to the bound (per round, then the median, with quartiles),
 CPU ms an image in the decode processes and in the consumer, and the paired floor / current ratio.
-The floor arm patches two of the loader's internals (LaneTurns.read and collate) for its epochs.
+The floor arm patches two names in the loader module (LaneTurns.read and admit) for its epochs.
 """
 
 from __future__ import annotations
@@ -55,25 +55,13 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def read_ahead(spec, epoch: int) -> dict:
-    """Every batch of the epoch as the floor arm hands it to a decode thread, read and admitted now."""
-    groups = {}
+def read_ahead(spec, epoch: int) -> tuple[dict, dict]:
+    """The epoch's groups by batch number, and each group's admitted samples, read and admitted now."""
+    groups, admitted = {}, {}
     for k, (group, stats) in enumerate(rank_groups(spec, epoch, 0)):
-        samples = admit(spec, epoch, group, stats)
-        groups[k] = ([s.data for s in samples], torch.tensor([s.label for s in samples]),
-                     [s.raw.key for s in samples], torch.tensor([s.raw.canonical for s in samples])), stats
-    return groups
-
-
-def collate_read_ahead(spec, epoch, group, stats, buffers, decode):
-    """loader.collate for a batch read ahead: what is left of it is the decode and the batch dict."""
-    datas, labels, keys, index = group
-    size = spec.image_size
-    pixels = buffers.take((len(datas), size, size, 3))
-    failures = decode(datas, pixels, spec.needs_resize(), [False] * len(datas))
-    if failures:
-        raise AssertionError(f"the benchmark's photos all decode, but {failures}")
-    return {"image": pixels.permute(0, 3, 1, 2), "label": labels, "key": keys, "index": index, "stats": stats}
+        groups[k] = group, stats
+        admitted[id(group)] = admit(spec, epoch, group, stats)
+    return groups, admitted
 
 
 def consumer_cpu() -> float:
@@ -83,11 +71,11 @@ def consumer_cpu() -> float:
 
 def loader_epoch(loader, floor: bool) -> dict:
     """One epoch of `loader`, with the reading done ahead when `floor`."""
-    original = loader_module.LaneTurns.read, loader_module.collate
-    if floor:
-        groups = read_ahead(loader.spec, loader.epoch)
+    original = loader_module.LaneTurns.read, loader_module.admit
+    if floor:  # the loader's own collate still runs: buffer, decode, failures, batch
+        groups, admitted = read_ahead(loader.spec, loader.epoch)
         loader_module.LaneTurns.read = lambda turns, k: groups[k]
-        loader_module.collate = collate_read_ahead
+        loader_module.admit = lambda spec, epoch, group, stats: admitted[id(group)]
     try:
         loader.processes.running()  # started (or replaced) before the clocks start
         before = dt.process_cpu(loader.processes.pids())
@@ -96,7 +84,7 @@ def loader_epoch(loader, floor: bool) -> dict:
         wall, cpu = time.perf_counter() - wall, consumer_cpu() - cpu
         procs = dt.process_cpu(loader.processes.pids()) - before
     finally:
-        loader_module.LaneTurns.read, loader_module.collate = original
+        loader_module.LaneTurns.read, loader_module.admit = original
     return {"img_s": images / wall, "procs_ms": 1e3 * procs / images, "consumer_ms": 1e3 * cpu / images}
 
 
